@@ -1,0 +1,32 @@
+"""lightning-peft: parameter-efficient fine-tuning for PyTorch Lightning."""
+
+from lightning_peft.callback import PEFTCallback
+from lightning_peft.core import (
+    adapter_state_dict,
+    count_parameters,
+    disable_adapters,
+    inject,
+    merge,
+    merge_and_unload,
+    set_adapter,
+    unload,
+    unmerge,
+)
+from lightning_peft.peft_format import load_adapter, save_adapter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PEFTCallback",
+    "adapter_state_dict",
+    "count_parameters",
+    "disable_adapters",
+    "inject",
+    "load_adapter",
+    "merge",
+    "merge_and_unload",
+    "save_adapter",
+    "set_adapter",
+    "unload",
+    "unmerge",
+]

@@ -1,0 +1,296 @@
+"""PEFTCallback: parameter-efficient fine-tuning for any LightningModule.
+
+Lightning has no hook that runs after every place a user may build a model
+(``__init__``, ``setup``, ``configure_model``) yet before the strategy wraps it
+(DDP/FSDP) and creates optimizers. The callback therefore wraps, on the module
+*instance*, four hooks for the duration of a run:
+
+* ``configure_model``: run the user's, then inject (Lightning calls it after
+  ``LightningModule.setup`` and before wrapping; a plain closure without
+  ``__wrapped__`` makes ``is_overridden`` see it);
+* ``configure_optimizers``: run the user's, then drop frozen parameters from every
+  param group in place (groups are kept, so LR schedulers stay valid);
+* ``on_save_checkpoint`` / ``on_load_checkpoint``: keep only adapter weights (the
+  module hook runs even with ``save_weights_only=True``) and refuse a checkpoint
+  that lacks adapter keys before anything is loaded.
+
+The callback knows nothing about any single method: per-method behaviour comes
+through the :class:`~lightning_peft.methods.PEFTMethod` hooks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import nn
+
+from lightning_peft.core import (
+    adapter_state_keys,
+    count_parameters,
+    inject,
+    injection_record,
+    merge,
+    prepare_gradient_checkpointing,
+)
+from lightning_peft.methods.base import PEFTMethod
+
+CHECKPOINT_KEY = "lightning_peft"
+_PATCHED_HOOKS = ("configure_model", "configure_optimizers", "on_save_checkpoint", "on_load_checkpoint")
+_ORIGINAL = "_lightning_peft_original"
+
+
+class PEFTCallback(Callback):
+    """Inject a PEFT method into a LightningModule, train only its parameters, checkpoint only them.
+
+    Example::
+
+        from lightning_peft import PEFTCallback
+        from lightning_peft.methods import LoRA
+
+        trainer = L.Trainer(callbacks=[PEFTCallback(LoRA(r=8, target_modules=["q_proj", "v_proj"]), target="model")])
+        trainer.fit(my_module)          # my_module.model gets LoRA; checkpoints hold only lora_ weights
+        trainer.fit(my_module, ckpt_path="last.ckpt")   # resumes exactly
+
+    Args:
+        method: The method and its hyperparameters.
+        target: Dotted path of the submodule to adapt (e.g. ``"model"``); ``None`` adapts the whole module.
+        adapter_only_checkpoints: Write only adapter weights (and their optimizer state) to checkpoints.
+        merge_on_fit_end: Fold the adapter into the base weights when ``fit`` ends (mergeable methods only).
+        adapter_name: Name of the adapter inside the model.
+
+    Raises:
+        ValueError: ``merge_on_fit_end=True`` for a method that cannot merge.
+    """
+
+    def __init__(
+        self,
+        method: PEFTMethod,
+        target: str | None = None,
+        adapter_only_checkpoints: bool = True,
+        merge_on_fit_end: bool = False,
+        adapter_name: str = "default",
+    ) -> None:
+        if not isinstance(method, PEFTMethod):
+            raise TypeError(
+                f"PEFTCallback expects a PEFTMethod such as LoRA(...), got {type(method).__name__}."
+            )
+        if merge_on_fit_end and not method.mergeable:
+            raise ValueError(
+                f"merge_on_fit_end=True, but {method.name} cannot be merged into the base weights."
+            )
+        self.method = method
+        self.target = target
+        self.adapter_only_checkpoints = adapter_only_checkpoints
+        self.merge_on_fit_end = merge_on_fit_end
+        self.adapter_name = adapter_name
+        self.parameter_counts: dict[str, float] = {}
+        self._last_global_step = -1
+        self._total_steps: int | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(target=self.target, adapter_name=self.adapter_name)
+
+    # --- where the model lives -------------------------------------------------------------------------------
+    def target_module(self, pl_module: pl.LightningModule) -> nn.Module:
+        if self.target is None:
+            return pl_module
+        try:
+            return pl_module.get_submodule(self.target)
+        except AttributeError:
+            children = [name for name, _ in pl_module.named_children()]
+            raise AttributeError(
+                f"PEFTCallback(target={self.target!r}): {type(pl_module).__name__} has no such submodule after "
+                f"setup/configure_model; its children are {children}. Pass the attribute that holds the model."
+            ) from None
+
+    def _prefix(self) -> str:
+        return f"{self.target}." if self.target else ""
+
+    def adapter_keys(self, pl_module: pl.LightningModule) -> list[str]:
+        """Checkpoint keys (relative to the LightningModule) of every adapter tensor."""
+        return [self._prefix() + k for k in adapter_state_keys(self.target_module(pl_module))]
+
+    # --- setup: wrap the module's hooks ----------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _refuse_multiprocessing_launcher(trainer)
+        if self.method.may_have_unused_parameters:
+            ddp_kwargs = getattr(trainer.strategy, "_ddp_kwargs", None)
+            if isinstance(ddp_kwargs, dict) and not ddp_kwargs.get("static_graph"):
+                ddp_kwargs.setdefault("find_unused_parameters", True)
+        self._wrap(pl_module, "configure_model", self._configure_model)
+        self._wrap(pl_module, "configure_optimizers", self._configure_optimizers)
+        self._wrap(pl_module, "on_save_checkpoint", self._on_save_checkpoint)
+        self._wrap(pl_module, "on_load_checkpoint", self._on_load_checkpoint)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for hook in _PATCHED_HOOKS:
+            current = pl_module.__dict__.get(hook)
+            if current is not None and hasattr(current, _ORIGINAL):
+                original = getattr(current, _ORIGINAL)
+                if original is None:
+                    del pl_module.__dict__[hook]
+                else:
+                    pl_module.__dict__[hook] = original
+
+    @staticmethod
+    def _wrap(pl_module: pl.LightningModule, hook: str, body: Callable[..., Any]) -> None:
+        current = pl_module.__dict__.get(hook)
+        instance_original = getattr(current, _ORIGINAL, current)  # None: the hook comes from the class
+        original = (
+            instance_original
+            if instance_original is not None
+            else getattr(type(pl_module), hook).__get__(pl_module)
+        )
+
+        # A plain closure, deliberately without functools.wraps: is_overridden follows __wrapped__.
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return body(pl_module, original, *args, **kwargs)
+
+        setattr(wrapper, _ORIGINAL, instance_original)
+        pl_module.__dict__[hook] = wrapper
+
+    def _configure_model(self, pl_module: pl.LightningModule, original: Callable[[], None]) -> None:
+        original()
+        model = self.target_module(pl_module)
+        record = injection_record(model)
+        if record is not None and self.adapter_name in record.methods:
+            if record.methods[self.adapter_name] != self.method:
+                raise ValueError(
+                    f"{type(pl_module).__name__}: adapter '{self.adapter_name}' is already injected with "
+                    f"{record.methods[self.adapter_name]}; this callback asks for {self.method}."
+                )
+            return  # hooks re-run for every stage: inject once
+        inject(model, self.method, self.adapter_name)
+        if self.adapter_only_checkpoints:
+            # Base weights are not in our checkpoints; adapter keys are checked in on_load_checkpoint.
+            pl_module.strict_loading = False
+
+    def _configure_optimizers(self, pl_module: pl.LightningModule, original: Callable[[], Any]) -> Any:
+        result = original()
+        trainable = [p for p in pl_module.parameters() if p.requires_grad]
+        in_optimizers: set[int] = set()
+        for optimizer in _find_optimizers(result):
+            for group in optimizer.param_groups:
+                # In place, keeping every group: schedulers hold per-group state (initial_lr, ...).
+                group["params"] = [p for p in group["params"] if p.requires_grad]
+                in_optimizers.update(id(p) for p in group["params"])
+        left_out = [
+            name for name, p in pl_module.named_parameters() if p.requires_grad and id(p) not in in_optimizers
+        ]
+        if trainable and left_out:
+            raise ValueError(
+                f"configure_optimizers returned optimizers that do not hold {len(left_out)} trainable adapter "
+                f"parameters (e.g. {left_out[:3]}): they were created before the adapters were injected (an optimizer "
+                "built in __init__, or LightningCLI's top-level `optimizer:`). Build the optimizer inside "
+                "configure_optimizers from self.parameters()."
+            )
+        return result
+
+    def _on_save_checkpoint(
+        self, pl_module: pl.LightningModule, original: Callable[..., Any], checkpoint: dict
+    ) -> None:
+        original(checkpoint)
+        keys = self.adapter_keys(pl_module)
+        checkpoint[CHECKPOINT_KEY] = {
+            "adapter_name": self.adapter_name,
+            "target": self.target,
+            "method": self.method.config_dict(),
+            "adapter_keys": keys,
+        }
+        if self.adapter_only_checkpoints and "state_dict" in checkpoint:
+            wanted = set(keys)
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in wanted}
+
+    def _on_load_checkpoint(
+        self, pl_module: pl.LightningModule, original: Callable[..., Any], checkpoint: dict
+    ) -> None:
+        original(checkpoint)
+        state = checkpoint.get("state_dict")
+        if state is None:  # sharded strategies load weights through their own planner
+            return
+        missing = [k for k in self.adapter_keys(pl_module) if k not in state]
+        if missing:
+            raise KeyError(
+                f"The checkpoint lacks {len(missing)} adapter tensors of {self.method.name}, e.g. {missing[:5]}. "
+                "It was written for another method, target or target_modules (or before PEFT was added); load it "
+                "with the same PEFTCallback configuration it was trained with."
+            )
+
+    # --- training-time hooks ---------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model = self.target_module(pl_module)
+        prepare_gradient_checkpointing(model)
+        self.parameter_counts = count_parameters(pl_module)
+        counts = self.parameter_counts
+        rank_zero_info(
+            f"lightning-peft: {self.method.name} '{self.adapter_name}' trains {counts['trainable']:,} of "
+            f"{counts['total']:,} parameters ({counts['trainable_percent']:.4f}%)"
+        )
+        for logger in trainer.loggers:
+            logger.log_metrics({f"peft/{k}_params" if k != "trainable_percent" else "peft/trainable_percent": v
+                                for k, v in counts.items()}, step=0)  # fmt: skip
+        self._last_global_step = trainer.global_step
+        total = trainer.estimated_stepping_batches
+        self._total_steps = int(total) if math.isfinite(total) else None
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model = self.target_module(pl_module)
+        extra = self.method.extra_loss(model)
+        if extra is None:
+            return
+        params = [p for p in model.parameters() if p.requires_grad]
+        scale = 1.0 / trainer.accumulate_grad_batches
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            scale *= scaler.get_scale()
+        # autograd.grad + manual accumulation: a second .backward() would re-fire DDP's reducer hooks. The term
+        # depends only on adapter weights, identical on every rank, so its gradient needs no all-reduce.
+        grads = torch.autograd.grad(extra * scale, params, allow_unused=True)
+        with torch.no_grad():
+            for param, grad in zip(params, grads, strict=True):
+                if grad is not None:
+                    param.grad = grad if param.grad is None else param.grad.add_(grad)
+        pl_module.log("peft/extra_loss", extra.detach(), on_step=True, prog_bar=False)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step == self._last_global_step:
+            return  # still accumulating gradients: no optimizer step happened
+        self._last_global_step = trainer.global_step
+        self.method.on_optimizer_step(self.target_module(pl_module), trainer.global_step, self._total_steps)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.merge_on_fit_end:
+            merge(self.target_module(pl_module), [self.adapter_name])
+            rank_zero_info(
+                f"lightning-peft: merged {self.method.name} '{self.adapter_name}' into the base weights"
+            )
+
+
+def _find_optimizers(obj: Any) -> Iterator[torch.optim.Optimizer]:
+    """Every optimizer in what configure_optimizers may return (optimizer, lists, tuples, dicts, nestings)."""
+    if isinstance(obj, torch.optim.Optimizer):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _find_optimizers(value)
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _find_optimizers(item)
+
+
+def _refuse_multiprocessing_launcher(trainer: pl.Trainer) -> None:
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    if isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
+        raise ValueError(
+            "PEFTCallback does not support spawn/fork launchers (strategy='ddp_spawn', 'ddp_fork', 'ddp_notebook'): "
+            "they copy weights back into a parent process that was never injected, silently dropping the trained "
+            "adapters. Use strategy='ddp' (or torchrun / SLURM)."
+        )

@@ -1,0 +1,252 @@
+"""The Trainer-free API: inject, freeze, collect adapter state, merge, disable, remove.
+
+Everything here works on any ``nn.Module`` through the :class:`AdapterLayer`
+protocol and the methods recorded on the model at injection, never on a
+specific method type.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lightning_peft.methods.base import (
+    AdapterLayer,
+    ModulesToSave,
+    NotMergeableError,
+    PEFTMethod,
+    adapter_layers,
+)
+from lightning_peft.targeting import replace_module
+
+_RECORD_ATTR = "_lightning_peft"
+# Segments that wrappers (FSDP, activation checkpointing, torch.compile) add to parameter names but not to
+# state-dict keys; adapter keys are compared without them.
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+@dataclass
+class InjectionRecord:
+    """What was injected into a model: methods by adapter name, which is active, original trainability."""
+
+    methods: dict[str, PEFTMethod] = field(default_factory=dict)
+    active: str = "default"
+    requires_grad: dict[str, bool] = field(default_factory=dict)
+
+
+def injection_record(model: nn.Module) -> InjectionRecord | None:
+    return getattr(model, _RECORD_ATTR, None)
+
+
+def _require_record(model: nn.Module) -> InjectionRecord:
+    record = injection_record(model)
+    if record is None:
+        raise ValueError("This model has no adapters; call lightning_peft.inject(model, method) first.")
+    return record
+
+
+def clean_key(name: str) -> str:
+    for segment in _WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
+
+
+def inject(model: nn.Module, method: PEFTMethod, adapter_name: str = "default") -> nn.Module:
+    """Add ``method`` to ``model`` in place as adapter ``adapter_name``, and freeze everything else.
+
+    Base weights are wrapped, never copied. A second adapter with another name can be added to the same
+    model; :func:`set_adapter` chooses which one is active (and trainable).
+
+    Args:
+        model: Any ``nn.Module`` (a transformers model, a LightningModule, a plain network).
+        method: The method and its hyperparameters, e.g. ``LoRA(r=8, target_modules=["q_proj", "v_proj"])``.
+        adapter_name: Name of this adapter.
+
+    Returns:
+        The same ``model`` object.
+
+    Raises:
+        ValueError: the adapter name is taken, a target matches nothing, or parameters are already sharded.
+    """
+    if not isinstance(method, PEFTMethod):
+        raise TypeError(f"inject expects a PEFTMethod (e.g. LoRA(...)), got {type(method).__name__}.")
+    record = injection_record(model)
+    if record is not None and adapter_name in record.methods:
+        raise ValueError(
+            f"Adapter '{adapter_name}' is already injected into this model ({record.methods[adapter_name].name}). "
+            "Injecting twice would stack a second copy; pass another adapter_name, or call unload(model) first."
+        )
+    _refuse_sharded(model)
+    if record is None:
+        record = InjectionRecord(requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
+    method.inject_layers(model, adapter_name)
+    method.inject_modules_to_save(model, adapter_name)
+    record.methods[adapter_name] = method
+    object.__setattr__(model, _RECORD_ATTR, record)
+    set_adapter(model, adapter_name)
+    prepare_gradient_checkpointing(model)
+    return model
+
+
+def _refuse_sharded(model: nn.Module) -> None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - builds without distributed
+        return
+    sharded = [n for n, p in model.named_parameters() if isinstance(p, DTensor)]
+    if sharded:
+        raise ValueError(
+            f"Parameters are already sharded (DTensor), e.g. {sharded[0]}; adapters built from local shards would "
+            "have wrong shapes. Inject before fully_shard/parallelize (PEFTCallback does this in configure_model)."
+        )
+
+
+def prepare_gradient_checkpointing(model: nn.Module) -> None:
+    # With reentrant checkpointing and a frozen embedding, no input requires grad and the adapters inside the
+    # checkpointed blocks would get no gradient; making the embedding output require grad fixes it (as peft does).
+    for module in model.modules():
+        if _checkpointing_enabled(module) and hasattr(module, "enable_input_require_grads"):
+            module.enable_input_require_grads()
+            return
+
+
+def _checkpointing_enabled(module: nn.Module) -> bool:
+    # transformers 5 renamed the flag; read the new one where it exists (the old one warns).
+    for flag in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(module), flag):
+            return bool(getattr(module, flag))
+    return False
+
+
+def set_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Make ``adapter_name`` the active adapter: it alone runs in forward and is trainable."""
+    record = _require_record(model)
+    if adapter_name not in record.methods:
+        raise ValueError(f"Unknown adapter '{adapter_name}'; this model has {sorted(record.methods)}.")
+    record.active = adapter_name
+    for _, layer in adapter_layers(model):
+        layer.set_active_adapters([adapter_name])
+    trainable = set(adapter_state_keys(model, adapter_name, parameters_only=True))
+    for name, param in model.named_parameters():
+        param.requires_grad_(clean_key(name) in trainable)
+
+
+def adapter_state_keys(
+    model: nn.Module, adapter_name: str | None = None, *, parameters_only: bool = False
+) -> list[str]:
+    """State-dict keys owned by adapter ``adapter_name`` (all adapters when ``None``), in model order."""
+    record = _require_record(model)
+    names = list(record.methods) if adapter_name is None else [adapter_name]
+    keys: list[str] = []
+    for name in names:
+        for prefix, layer in adapter_layers(model):
+            keys += [clean_key(f"{prefix}.{k}" if prefix else k) for k in layer.adapter_state_names(name)]
+        keys += record.methods[name].extra_state_names(model, name)
+    if parameters_only:
+        params = {clean_key(n) for n, _ in model.named_parameters()}
+        keys = [k for k in keys if k in params]
+    return list(dict.fromkeys(keys))
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """Only the adapters' tensors (no base weights), keyed as in ``model.state_dict()``.
+
+    Args:
+        model: A model with injected adapters.
+        adapter_name: One adapter, or ``None`` for all of them.
+    """
+    wanted = set(adapter_state_keys(model, adapter_name))
+    return {k: v for k, v in model.state_dict().items() if k in wanted}
+
+
+def count_parameters(model: nn.Module) -> dict[str, float]:
+    """``{"trainable", "total", "trainable_percent"}``; shared (tied) parameters count once."""
+    params = {id(p): p for p in model.parameters()}.values()
+    total = sum(_numel(p) for p in params)
+    trainable = sum(_numel(p) for p in params if p.requires_grad)
+    return {"trainable": trainable, "total": total, "trainable_percent": 100.0 * trainable / max(total, 1)}
+
+
+def _numel(param: torch.Tensor) -> int:
+    # Packed low-bit weights (e.g. bitsandbytes 4-bit) report how many values they hold.
+    shape = getattr(getattr(param, "quant_state", None), "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else param.numel()
+
+
+def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
+    """Fold adapters (default: the active one) into the base weights; outputs stay the same. Idempotent.
+
+    Raises:
+        NotMergeableError: a requested adapter's method cannot be merged.
+    """
+    record = _require_record(model)
+    names = adapter_names or [record.active]
+    for name in names:
+        method = record.methods[name]
+        if not method.mergeable:
+            raise NotMergeableError(
+                f"{method.name} (adapter '{name}') cannot be merged into the base weights: it changes what the model "
+                "computes, not only its weights. Keep it unmerged, or save it with save_adapter."
+            )
+    for _, layer in adapter_layers(model):
+        layer.merge([n for n in names if n in layer.adapter_names()])
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo :func:`merge`: restore the base weights and run adapters separately again."""
+    _require_record(model)
+    for _, layer in adapter_layers(model):
+        layer.unmerge()
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model: inside the block every adapter is bypassed (merged ones are unmerged first)."""
+    _require_record(model)
+    layers = [layer for _, layer in adapter_layers(model)]
+    previous = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, was in zip(layers, previous, strict=True):
+            layer.disabled = was
+
+
+def unload(model: nn.Module, *, merge_adapters: bool = False) -> nn.Module:
+    """Remove every adapter and return the plain base model (in place).
+
+    With ``merge_adapters=True`` the active adapter is merged first and ``modules_to_save`` keep their trained
+    copy; otherwise the base model is restored exactly, including parameters' original ``requires_grad``.
+    """
+    record = _require_record(model)
+    if merge_adapters:
+        merge(model)
+    else:
+        unmerge(model)
+    for name, layer in reversed(list(adapter_layers(model))):
+        keep = layer.base_layer
+        if merge_adapters and isinstance(layer, ModulesToSave) and layer.active_adapters:
+            keep = layer.modules_to_save[layer.active_adapters[0]]
+        if name:
+            replace_module(model, name, keep)
+    for name, param in model.named_parameters():
+        param.requires_grad_(record.requires_grad.get(clean_key(name), True))
+    object.__delattr__(model, _RECORD_ATTR)
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge the active adapter and return a plain model with no adapter layers."""
+    return unload(model, merge_adapters=True)
+
+
+def is_adapter_layer(module: nn.Module) -> bool:
+    return isinstance(module, AdapterLayer)

@@ -1,0 +1,267 @@
+"""The method contract: :class:`PEFTMethod` and the :class:`AdapterLayer` protocol.
+
+A method is a typed, validated config (a dataclass, so LightningCLI/jsonargparse
+can build it from YAML) that knows how to inject itself into a model. Everything
+generic - freezing, collecting adapter state, merging, disabling, saving - is
+driven by two small protocols, so the callback and the functional API never
+branch on the method type:
+
+* :class:`AdapterLayer`: a wrapper around one frozen base layer holding any
+  number of *named* adapters in ``ModuleDict``/``ParameterDict`` attributes
+  listed in ``adapter_attrs``. Knowing those attribute names is enough to find
+  an adapter's parameters, drop or rename them for the peft file format, and
+  switch adapters.
+* :class:`PEFTMethod`: hooks with no-op defaults for what only some methods
+  need (per-step work after the optimizer step, extra loss terms, input
+  rewriting), plus the peft ``adapter_config.json`` mapping.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from lightning_peft.targeting import find_targets, replace_module
+
+_REGISTRY: dict[str, type[PEFTMethod]] = {}
+
+
+class NotMergeableError(RuntimeError):
+    """Raised when merge is requested for a method that cannot fold into the base weights."""
+
+
+class AdapterLayer(nn.Module):
+    """Wraps a base layer (never copied) and holds named adapters.
+
+    Subclasses list in ``adapter_attrs`` the ``ModuleDict``/``ParameterDict``
+    attributes keyed by adapter name, and implement ``forward`` and, when
+    mergeable, ``merge_adapter``/``unmerge_adapter``.
+    """
+
+    adapter_attrs: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    def __getattr__(self, name: str) -> Any:
+        # Model code sometimes reads `layer.weight` / `layer.in_features` of what it thinks is the base layer.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    # --- adapters held by this layer -------------------------------------------------------------------------
+    def adapter_names(self) -> list[str]:
+        names: list[str] = []
+        for attr in self.adapter_attrs:
+            names += [n for n in getattr(self, attr) if n not in names]
+        return names
+
+    def adapter_state_names(self, adapter_name: str) -> list[str]:
+        """State-dict keys (relative to this layer) of one adapter: its parameters and buffers."""
+        keys: list[str] = []
+        for attr in self.adapter_attrs:
+            container = getattr(self, attr)
+            if adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(item, nn.Module):
+                keys += [f"{attr}.{adapter_name}.{k}" for k in item.state_dict()]
+            else:
+                keys.append(f"{attr}.{adapter_name}")
+        return keys
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            self.unmerge_adapter(adapter_name)
+        for attr in self.adapter_attrs:
+            container = getattr(self, attr)
+            if adapter_name in container:
+                del container[adapter_name]
+        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+
+    def set_active_adapters(self, names: list[str]) -> None:
+        known = self.adapter_names()
+        self.active_adapters = [n for n in names if n in known]
+
+    # --- merging (mergeable layers override the two *_adapter methods) ---------------------------------------
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        for name in list(self.active_adapters) if adapter_names is None else adapter_names:
+            if name not in self.merged_adapters:  # merging twice is a no-op, not a double update
+                self.merge_adapter(name)
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            self.unmerge_adapter(self.merged_adapters.pop())
+
+    def merge_adapter(self, adapter_name: str) -> None:
+        raise NotMergeableError(f"{type(self).__name__} cannot be merged into its base layer.")
+
+    def unmerge_adapter(self, adapter_name: str) -> None:
+        raise NotMergeableError(f"{type(self).__name__} cannot be unmerged.")
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @staticmethod
+    def check_finite(weight: torch.Tensor, adapter_name: str, layer: str) -> None:
+        if not torch.isfinite(weight).all():
+            raise ValueError(
+                f"Merging adapter '{adapter_name}' into {layer} produced NaN/Inf weights; the merge was refused and "
+                "the base weights are unchanged. Check the adapter for diverged values."
+            )
+
+
+class ModulesToSave(AdapterLayer):
+    """Trains a full copy of a small module (e.g. a classification head) per adapter; the original stays frozen.
+
+    Named like peft's ``modules_to_save`` so the saved keys match its file format.
+    """
+
+    adapter_attrs = ("modules_to_save",)
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.modules_to_save = nn.ModuleDict()
+
+    def add_adapter(self, adapter_name: str) -> None:
+        self.modules_to_save[adapter_name] = copy.deepcopy(self.base_layer)
+        self.modules_to_save[adapter_name].requires_grad_(True)
+
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        """A trained copy has nothing to fold into the original; merging leaves it in use."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.disabled or not self.active_adapters:
+            return self.base_layer(*args, **kwargs)
+        return self.modules_to_save[self.active_adapters[0]](*args, **kwargs)
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield name, module
+
+
+@dataclass(kw_only=True)
+class PEFTMethod:
+    """Base class of every method; subclasses are dataclasses of their hyperparameters.
+
+    Subclasses set ``peft_type`` (the name written to ``adapter_config.json``), implement
+    :meth:`inject_layers`, and override the optional hooks they need. Defining a subclass
+    registers it for :func:`lightning_peft.load_adapter`.
+
+    Args:
+        modules_to_save: Modules (same syntax as ``target_modules`` lists) trained in full, e.g. a
+            freshly initialised classification head.
+    """
+
+    peft_type: ClassVar[str] = ""
+    #: Whether the method folds into the base weights (``merge``/``merge_on_fit_end``).
+    mergeable: ClassVar[bool] = False
+    #: Whether the method rewrites the model's inputs (soft prompts) rather than only its layers.
+    modifies_inputs: ClassVar[bool] = False
+    #: Whether some trainable parameter may get no gradient in a step (DDP then needs find_unused_parameters).
+    may_have_unused_parameters: ClassVar[bool] = False
+
+    modules_to_save: list[str] | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.peft_type:
+            _REGISTRY[cls.peft_type] = cls
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for bad hyperparameters (called at construction)."""
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    # --- injection ------------------------------------------------------------------------------------------
+    def inject_layers(self, model: nn.Module, adapter_name: str) -> None:
+        """Wrap/extend the model's layers with adapter ``adapter_name`` (new parameters trainable)."""
+        raise NotImplementedError
+
+    def inject_modules_to_save(self, model: nn.Module, adapter_name: str) -> None:
+        if not self.modules_to_save:
+            return
+        existing = {n for n, m in model.named_modules() if isinstance(m, ModulesToSave)}
+        targets = [
+            (n, m)
+            for n, m in model.named_modules()
+            if n
+            and any(n == e or n.endswith("." + e) for e in self.modules_to_save)
+            and ".modules_to_save." not in n
+            and not n.endswith(".base_layer")
+        ]
+        if not targets:
+            find_targets(
+                model, self.modules_to_save, supported=(nn.Module,), method=f"{self.name} modules_to_save"
+            )
+        for name, module in targets:
+            wrapper = module if name in existing else ModulesToSave(module)
+            wrapper.add_adapter(adapter_name)
+            if name not in existing:
+                replace_module(model, name, wrapper)
+
+    def extra_state_names(self, model: nn.Module, adapter_name: str) -> list[str]:
+        """Full state-dict keys the method owns outside its adapter layers (e.g. trained base biases)."""
+        return []
+
+    # --- optional per-step hooks ----------------------------------------------------------------------------
+    def on_optimizer_step(self, model: nn.Module, step: int, total_steps: int | None) -> None:
+        """Called after each optimizer step, before gradients are zeroed (e.g. AdaLoRA's rank allocation)."""
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """An extra loss term added to the training objective (e.g. an orthogonality regulariser)."""
+        return None
+
+    # --- the Hugging Face peft file format ------------------------------------------------------------------
+    def to_peft_config(self, model: nn.Module, adapter_name: str) -> dict[str, Any]:
+        """The ``adapter_config.json`` content for this adapter."""
+        config = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {"peft_type": self.peft_type, **_jsonable(config)}
+
+    @classmethod
+    def from_peft_config(cls, config: dict[str, Any]) -> PEFTMethod:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in config.items() if k in known})
+
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "class_path": f"{type(self).__module__}.{type(self).__qualname__}",
+            "init_args": _jsonable(asdict(self)),
+        }
+
+
+def method_for_peft_type(peft_type: str) -> type[PEFTMethod]:
+    import lightning_peft.methods  # noqa: F401  (imports register every method)
+
+    if peft_type not in _REGISTRY:
+        raise ValueError(f"peft_type {peft_type!r} is not supported; supported: {sorted(_REGISTRY)}.")
+    return _REGISTRY[peft_type]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_jsonable(v) for v in value]
+    return value

@@ -1,0 +1,487 @@
+"""LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685) with rsLoRA, DoRA and PiSSA.
+
+A frozen layer ``W`` gains a trainable low-rank update: ``y = W x + B A dropout(x) * s``
+with ``A: (r, in)``, ``B: (out, r)``. ``B`` starts at zero so the adapted model
+is the base model at step 0. The scale ``s = alpha / r`` keeps the update's size
+independent of ``r`` when tuning ``alpha``; rsLoRA (Kalajdzievski 2023,
+https://arxiv.org/abs/2312.03732) uses ``alpha / sqrt(r)``, which keeps the
+learning dynamics stable as ``r`` grows. DoRA (Liu et al. 2024,
+https://arxiv.org/abs/2402.09353) splits ``W + sBA`` into a trained magnitude and
+a direction. PiSSA (Meng et al. 2024, https://arxiv.org/abs/2404.02948)
+initialises ``A, B`` from the top singular vectors of ``W`` and keeps the
+residual as the base.
+
+Numerics and parameter names follow Hugging Face ``peft`` so saved adapters load there.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lightning_peft.methods.base import AdapterLayer, PEFTMethod
+from lightning_peft.targeting import find_targets, pattern_value, replace_module
+
+#: Default targets per transformers ``model_type`` when ``target_modules`` is not given (as in peft).
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "gpt2": ["c_attn"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "t5": ["q", "v"],
+}
+
+InitOption = bool | Literal["gaussian", "pissa"] | str
+
+
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    # Half-precision bases get fp32 adapters (as peft's autocast_adapter_dtype): tiny, and far better optimised.
+    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class LoraLayer(AdapterLayer):
+    """Common state of the LoRA wrappers: per-adapter rank, scale, dropout and weights."""
+
+    adapter_attrs = (
+        "lora_A",
+        "lora_B",
+        "lora_embedding_A",
+        "lora_embedding_B",
+        "lora_magnitude_vector",
+        "lora_dropout",
+    )
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self._dora_norms: dict[str, torch.Tensor] = {}  # weight norms used at merge time, needed to unmerge
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        alpha: float,
+        dropout: float,
+        use_rslora: bool,
+        use_dora: bool,
+        init: InitOption,
+    ) -> None:
+        self.r[adapter_name] = r
+        self.scaling[adapter_name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        weight = self.base_layer.weight
+        self.create_weights(adapter_name, r, device=weight.device, dtype=_compute_dtype(weight))
+        self.initialise(adapter_name, init)
+        if use_dora:
+            with torch.no_grad():
+                self.lora_magnitude_vector[adapter_name] = nn.Parameter(self.weight_norm(adapter_name))
+        self.active_adapters = [*self.active_adapters, adapter_name]
+
+    # --- implemented per layer kind --------------------------------------------------------------------------
+    def create_weights(self, adapter_name: str, r: int, device: torch.device, dtype: torch.dtype) -> None:
+        raise NotImplementedError
+
+    def initialise(self, adapter_name: str, init: InitOption) -> None:
+        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        if init is True:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.zeros_(B)
+        elif init == "gaussian":
+            nn.init.normal_(A, std=1 / self.r[adapter_name])
+            nn.init.zeros_(B)
+        elif init is False:  # not a no-op: useful to test merge paths
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+        else:
+            raise ValueError(
+                f"init_lora_weights={init!r} is not supported for {type(self.base_layer).__name__}."
+            )
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``s * B @ A`` in the base weight's own layout."""
+        raise NotImplementedError
+
+    def weight_norm(self, adapter_name: str) -> torch.Tensor:
+        raise ValueError(
+            f"DoRA is supported on Linear and GPT-2 Conv1D layers, not {type(self.base_layer).__name__}."
+        )
+
+    # --- merging -------------------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_name: str) -> None:
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            delta = self.delta_weight(adapter_name)
+            if adapter_name in self.lora_magnitude_vector:
+                norm = self.weight_norm(adapter_name)
+                new = self._oriented(self._dora_factor(adapter_name, norm) * self._oriented(weight + delta))
+                self._dora_norms[adapter_name] = norm
+            else:
+                new = weight + delta
+            self.check_finite(new, adapter_name, type(self.base_layer).__name__)
+            weight.copy_(new)
+
+    def unmerge_adapter(self, adapter_name: str) -> None:
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            delta = self.delta_weight(adapter_name)
+            if adapter_name in self.lora_magnitude_vector:
+                factor = self._dora_factor(adapter_name, self._dora_norms.pop(adapter_name))
+                weight.copy_(self._oriented(self._oriented(weight) / factor) - delta)
+            else:
+                weight.sub_(delta)
+
+    def _dora_factor(self, adapter_name: str, norm: torch.Tensor) -> torch.Tensor:
+        # (out,) -> (out, 1): one magnitude per output row of the (out, in) weight
+        return (self.lora_magnitude_vector[adapter_name] / norm).unsqueeze(1).to(self.base_layer.weight.dtype)
+
+    def _oriented(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    def pending_adapters(self) -> list[str]:
+        """Active adapters whose update is not already folded into the base weight."""
+        return [a for a in self.active_adapters if a not in self.merged_adapters and a in self.r]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disabled:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.pending_adapters():
+            result = result + self.adapter_output(name, x, result).to(result.dtype)
+        return result
+
+    def adapter_output(self, adapter_name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
+        A, B = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        dropped = self.lora_dropout[adapter_name](x.to(A.weight.dtype))
+        return B(A(dropped)) * self.scaling[adapter_name]  # (..., in) -> (..., r) -> (..., out)
+
+
+class LoraLinear(LoraLayer):
+    """LoRA around ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2; weight stored as (in, out))."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        out_features, in_features = self._oriented(base_layer.weight).shape
+        self.in_features, self.out_features = in_features, out_features
+
+    def _oriented(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T if self.fan_in_fan_out else weight
+
+    def create_weights(self, adapter_name: str, r: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+
+    def initialise(self, adapter_name: str, init: InitOption) -> None:
+        if isinstance(init, str) and init.startswith("pissa"):
+            self._pissa_init(adapter_name, init)
+        else:
+            super().initialise(adapter_name, init)
+
+    def _pissa_init(self, adapter_name: str, init: str) -> None:
+        r, scaling = self.r[adapter_name], self.scaling[adapter_name]
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            W = self._oriented(weight).float()  # (out, in)
+            if init == "pissa":
+                U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+            else:  # "pissa_niter_<n>": randomised SVD, n subspace iterations
+                U, S, V = torch.svd_lowrank(W, q=r, niter=int(init.rsplit("_", 1)[-1]))
+                Vh = V.T
+            sqrt_s = (S[:r] / scaling).sqrt()
+            A = sqrt_s.unsqueeze(1) * Vh[:r]  # (r, in)
+            B = U[:, :r] * sqrt_s  # (out, r)
+            self.lora_A[adapter_name].weight.copy_(A)
+            self.lora_B[adapter_name].weight.copy_(B)
+            # The base keeps the residual, so the adapted output equals the original at init.
+            weight.copy_(self._oriented(W - scaling * (B @ A)).to(weight.dtype))
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        delta = (B @ A) * self.scaling[adapter_name]  # (out, r) @ (r, in) -> (out, in)
+        return self._oriented(delta).to(self.base_layer.weight.dtype)
+
+    def weight_norm(self, adapter_name: str) -> torch.Tensor:
+        # ||W + sBA|| per output row; detached, as in the DoRA paper (sec. 4.3), to save memory
+        weight = self._oriented(self.base_layer.weight + self.delta_weight(adapter_name))
+        return weight.norm(p=2, dim=1).detach().to(_compute_dtype(self.base_layer.weight))
+
+    def adapter_output(self, adapter_name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
+        if adapter_name not in self.lora_magnitude_vector:
+            return super().adapter_output(adapter_name, x, base_result)
+        # DoRA: y = Wx + (m/||W+sBA|| - 1) Wx + (m/||W+sBA||) sBAx
+        A, B = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        dropout, scaling = self.lora_dropout[adapter_name], self.scaling[adapter_name]
+        dropped = dropout(x.to(A.weight.dtype))
+        scale = self.lora_magnitude_vector[adapter_name] / self.weight_norm(adapter_name)  # (out,)
+        if isinstance(dropout, nn.Identity) or not self.training:
+            bias = self.base_layer.bias
+            base_no_bias = base_result if bias is None else base_result - bias
+        else:  # the base term must see the same dropped input as the LoRA term
+            base_no_bias = F.linear(dropped, self._oriented(self.base_layer.weight).to(dropped.dtype))
+        return (scale - 1) * base_no_bias.to(scale.dtype) + scale * B(A(dropped)) * scaling
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA on ``nn.Embedding``: ``A: (r, num_embeddings)`` is looked up like an embedding, ``B: (dim, r)``."""
+
+    def create_weights(self, adapter_name: str, r: int, device: torch.device, dtype: torch.dtype) -> None:
+        num, dim = self.base_layer.weight.shape
+        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.empty(r, num, device=device, dtype=dtype))
+        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.empty(dim, r, device=device, dtype=dtype))
+
+    def initialise(self, adapter_name: str, init: InitOption) -> None:
+        A, B = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+        if init is False:
+            nn.init.normal_(A)
+        elif init in (True, "gaussian"):
+            nn.init.zeros_(A)  # A (not B) is zero here: B ~ N(0, 1) so gradients reach A from step one
+        else:
+            raise ValueError(f"init_lora_weights={init!r} is not supported for nn.Embedding.")
+        nn.init.normal_(B)
+
+    def pending_adapters(self) -> list[str]:
+        return [a for a in super().pending_adapters() if a in self.lora_embedding_A]
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        A, B = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+        return ((B @ A).T * self.scaling[adapter_name]).to(self.base_layer.weight.dtype)  # (num, dim)
+
+    def adapter_output(self, adapter_name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
+        A, B = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+        base = self.base_layer
+        after_A = F.embedding(
+            x, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+        )
+        return (after_A @ B.T) * self.scaling[adapter_name]  # (..., r) @ (r, dim) -> (..., dim)
+
+
+class LoraConv(LoraLayer):
+    """LoRA on ``nn.Conv1d/2d/3d``: ``A`` is a conv with the base's kernel and ``r`` channels, ``B`` a 1x1 conv."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        if base_layer.groups != 1:
+            raise ValueError(f"LoRA on grouped convolutions (groups={base_layer.groups}) is not supported.")
+        self._conv_fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[base_layer.weight.dim() - 2]
+
+    def create_weights(self, adapter_name: str, r: int, device: torch.device, dtype: torch.dtype) -> None:
+        base = self.base_layer
+        conv = type(base)
+        self.lora_A[adapter_name] = conv(
+            base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
+            bias=False, padding_mode=base.padding_mode, device=device, dtype=dtype,
+        )  # fmt: skip
+        self.lora_B[adapter_name] = conv(r, base.out_channels, 1, 1, bias=False, device=device, dtype=dtype)
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        # Composing conv(k) then conv(1x1) is the conv whose kernel is B applied to A's kernels.
+        delta = self._conv_fn(A.transpose(0, 1), B).transpose(0, 1)  # (out, in, *k)
+        return (delta * self.scaling[adapter_name]).to(self.base_layer.weight.dtype)
+
+
+_LAYER_TYPES: dict[type[nn.Module], type[LoraLayer]] = {
+    nn.Linear: LoraLinear,
+    Conv1D: LoraLinear,
+    nn.Embedding: LoraEmbedding,
+    nn.Conv1d: LoraConv,
+    nn.Conv2d: LoraConv,
+    nn.Conv3d: LoraConv,
+}
+
+
+@dataclass(kw_only=True)
+class LoRA(PEFTMethod):
+    """Low-rank adaptation of linear, embedding and convolution layers.
+
+    Example:
+        >>> from lightning_peft.methods import LoRA
+        >>> LoRA(r=8, alpha=16, target_modules=["q_proj", "v_proj"]).scale_for(8)
+        2.0
+
+    Args:
+        target_modules: Names (suffix match), a full-match regex, or ``"all-linear"``. ``None`` uses the
+            per-architecture default (e.g. ``q_proj, v_proj`` for Llama).
+        exclude_modules: Modules to leave alone, same syntax.
+        r: Rank of the update.
+        alpha: Scale numerator: the update is multiplied by ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
+        dropout: Dropout on the adapter's input, in ``[0, 1)``.
+        bias: ``"none"``, ``"all"`` (train every bias) or ``"lora_only"`` (biases of the adapted layers).
+        use_rslora: Rank-stabilised scaling.
+        use_dora: Weight-decomposed LoRA (trained magnitude per output row).
+        init_lora_weights: ``True`` (kaiming A, zero B), ``"gaussian"``, ``"pissa"``, ``"pissa_niter_<n>"``,
+            or ``False`` (random B: not a no-op; for tests).
+        rank_pattern: ``{regex: r}`` per-module rank overrides (matched against the module name's tail).
+        alpha_pattern: ``{regex: alpha}`` per-module alpha overrides.
+        modules_to_save: Modules trained in full (e.g. a new classification head).
+    """
+
+    peft_type: ClassVar[str] = "LORA"
+    mergeable: ClassVar[bool] = True
+
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    r: int = 8
+    alpha: float = 8
+    dropout: float = 0.0
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: InitOption = True
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        for where, rank in [
+            ("r", self.r),
+            *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items()),
+        ]:
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+                raise ValueError(
+                    f"LoRA {where}={rank!r}: the rank must be an integer >= 1 (typical: 4 to 64)."
+                )
+        for where, alpha in [
+            ("alpha", self.alpha),
+            *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items()),
+        ]:
+            if not alpha > 0:
+                raise ValueError(
+                    f"LoRA {where}={alpha!r}: alpha must be > 0 (common choices: alpha = r or 2r)."
+                )
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA dropout={self.dropout!r} must be in [0, 1); use 0 to disable dropout.")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"LoRA bias={self.bias!r} must be one of 'none', 'all', 'lora_only'.")
+        init = self.init_lora_weights
+        if not (
+            isinstance(init, bool)
+            or init in ("gaussian", "pissa")
+            or re.fullmatch(r"pissa_niter_\d+", str(init))
+        ):
+            raise ValueError(
+                f"LoRA init_lora_weights={init!r}: use True, False, 'gaussian', 'pissa' or 'pissa_niter_<n>'."
+            )
+        if self.use_dora and isinstance(init, str) and init.startswith("pissa"):
+            raise ValueError("LoRA: use_dora=True cannot be combined with PiSSA initialisation; pick one.")
+
+    def scale_for(self, r: int, alpha: float | None = None) -> float:
+        alpha = self.alpha if alpha is None else alpha
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def resolve_target_modules(self, model: nn.Module) -> list[str] | str:
+        if self.target_modules is not None:
+            return self.target_modules
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise ValueError(
+                f"LoRA: target_modules is required for this model (no default for model_type={model_type!r}); "
+                "pass e.g. target_modules=['q_proj', 'v_proj'] or 'all-linear'."
+            )
+        return DEFAULT_TARGETS[model_type]
+
+    def inject_layers(self, model: nn.Module, adapter_name: str) -> None:
+        targets = find_targets(
+            model,
+            self.resolve_target_modules(model),
+            supported=(*_LAYER_TYPES, LoraLayer),
+            exclude_modules=self.exclude_modules,
+            skip=self.modules_to_save or (),
+            linear_types=(nn.Linear, Conv1D),
+            method="LoRA",
+        )
+        for name, module in targets:
+            layer = module if isinstance(module, LoraLayer) else _LAYER_TYPES[type(module)](module)
+            if self.use_dora and not isinstance(layer, LoraLinear):
+                raise ValueError(
+                    f"LoRA use_dora=True: DoRA supports Linear/Conv1D layers; {name} is {type(module).__name__}."
+                )
+            r = int(pattern_value(name, self.rank_pattern, self.r))
+            alpha = pattern_value(name, self.alpha_pattern, self.alpha)
+            layer.update_layer(
+                adapter_name, r, alpha, self.dropout, self.use_rslora, self.use_dora, self.init_lora_weights
+            )
+            if layer is not module:
+                replace_module(model, name, layer)
+
+    def extra_state_names(self, model: nn.Module, adapter_name: str) -> list[str]:
+        if self.bias == "all":
+            return [
+                name for name, _ in model.named_parameters() if name.endswith("bias") and "lora_" not in name
+            ]
+        if self.bias == "lora_only":
+            return [
+                f"{name}.base_layer.bias"
+                for name, module in model.named_modules()
+                if isinstance(module, LoraLayer)
+                and adapter_name in module.r
+                and module.base_layer.bias is not None
+            ]
+        return []
+
+    def to_peft_config(self, model: nn.Module, adapter_name: str) -> dict[str, Any]:
+        targeted = sorted(
+            n for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.r
+        )
+        return {
+            "peft_type": self.peft_type,
+            # The exact module names: peft's suffix matching then selects the same modules, nothing more.
+            "target_modules": targeted,
+            "exclude_modules": None,
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "bias": self.bias,
+            "use_rslora": self.use_rslora,
+            "use_dora": self.use_dora,
+            "init_lora_weights": self.init_lora_weights,
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
+            "modules_to_save": list(self.modules_to_save) if self.modules_to_save else None,
+            "fan_in_fan_out": any(
+                getattr(m, "fan_in_fan_out", False) for n, m in model.named_modules() if n in targeted
+            ),
+        }
+
+    @classmethod
+    def from_peft_config(cls, config: dict[str, Any]) -> LoRA:
+        if "lora_alpha" not in config or "r" not in config:
+            raise ValueError(
+                "adapter_config.json for LORA lacks 'r' or 'lora_alpha'; without them the adapter's scale is unknown "
+                "and outputs would be silently wrong. Add the values used in training."
+            )
+        return cls(
+            target_modules=config.get("target_modules"),
+            exclude_modules=config.get("exclude_modules"),
+            r=config["r"],
+            alpha=config["lora_alpha"],
+            dropout=config.get("lora_dropout", 0.0),
+            bias=config.get("bias", "none"),
+            use_rslora=bool(config.get("use_rslora", False)),
+            use_dora=bool(config.get("use_dora") or False),  # absent in pre-DoRA files: explicitly plain LoRA
+            init_lora_weights=config.get("init_lora_weights", True),
+            rank_pattern=dict(config.get("rank_pattern") or {}),
+            alpha_pattern=dict(config.get("alpha_pattern") or {}),
+            modules_to_save=config.get("modules_to_save"),
+        )

@@ -1,0 +1,152 @@
+"""Adapter directories in the Hugging Face ``peft`` layout.
+
+A directory holds ``adapter_config.json`` and ``adapter_model.safetensors``
+(adapter tensors only). Keys are the model's state-dict keys prefixed with
+``base_model.model.``, without the adapter name and with ``modules_to_save``
+copies under the original module's name, e.g.::
+
+    model.layers.0.self_attn.q_proj.lora_A.default.weight  ->  base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
+    classifier.modules_to_save.default.weight             ->  base_model.model.classifier.weight
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lightning_peft.core import _require_record, adapter_state_dict, adapter_state_keys, inject
+from lightning_peft.methods.base import method_for_peft_type
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+_TASK_SUFFIXES = {
+    "ForCausalLM": "CAUSAL_LM",
+    "LMHeadModel": "CAUSAL_LM",
+    "ForSequenceClassification": "SEQ_CLS",
+    "ForTokenClassification": "TOKEN_CLS",
+    "ForQuestionAnswering": "QUESTION_ANS",
+    "ForConditionalGeneration": "SEQ_2_SEQ_LM",
+}
+
+
+def to_peft_key(key: str, adapter_name: str) -> str:
+    """Our state-dict key -> the key peft writes (adapter name dropped, modules_to_save folded)."""
+    key = key.replace(f".modules_to_save.{adapter_name}.", ".")
+    parts = [p for p in key.split(".") if p != adapter_name]
+    return PEFT_PREFIX + ".".join(parts)
+
+
+def _task_type(model: nn.Module) -> str | None:
+    cls = type(model).__name__
+    return next((task for suffix, task in _TASK_SUFFIXES.items() if cls.endswith(suffix)), None)
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
+    """Write one adapter as ``adapter_config.json`` + ``adapter_model.safetensors`` (no base weights).
+
+    Files are written to temporary names and renamed, so an interrupted save never leaves a half-written
+    adapter in place of a good one.
+
+    Args:
+        model: The model the adapter was injected into (for a PEFTCallback, the ``target`` submodule).
+        directory: Created if missing.
+        adapter_name: Which adapter; the active one by default.
+
+    Returns:
+        The directory path.
+    """
+    record = _require_record(model)
+    name = adapter_name or record.active
+    method = record.methods[name]
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = method.to_peft_config(model, name)
+    model_config = getattr(model, "config", None)
+    config.update(
+        task_type=_task_type(model),
+        base_model_name_or_path=getattr(model_config, "_name_or_path", None) or None,
+        inference_mode=True,
+    )
+    tensors = {
+        to_peft_key(k, name): v.detach().cpu().contiguous().clone()
+        for k, v in adapter_state_dict(model, name).items()
+    }
+    _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+    _atomic_write(
+        directory / CONFIG_NAME,
+        lambda path: Path(path).write_text(json.dumps(config, indent=2, sort_keys=True)),
+    )
+    return directory
+
+
+def _atomic_write(target: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}."
+        )
+    return json.loads(path.read_text())
+
+
+def load_adapter(
+    model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+) -> nn.Module:
+    """Inject the method described in ``directory`` (ours or written by peft) and load its weights.
+
+    Args:
+        model: The base model the adapter was trained on.
+        directory: An adapter directory.
+        adapter_name: Name to give the adapter in this model.
+        is_trainable: Keep the adapter's parameters trainable (to continue training); frozen by default.
+
+    Raises:
+        ValueError: the files miss some of the adapter's tensors or hold tensors it does not have.
+    """
+    config = read_adapter_config(directory)
+    if "peft_type" not in config:
+        raise ValueError(f"{Path(directory) / CONFIG_NAME} has no 'peft_type'; it is not an adapter config.")
+    weights_path = Path(directory) / WEIGHTS_NAME
+    if weights_path.is_file():
+        tensors = load_file(weights_path)
+    elif (legacy := Path(directory) / "adapter_model.bin").is_file():
+        tensors = torch.load(legacy, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{weights_path} not found.")
+    method = method_for_peft_type(config["peft_type"]).from_peft_config(config)
+    inject(model, method, adapter_name)
+    expected = {to_peft_key(k, adapter_name): k for k in adapter_state_keys(model, adapter_name)}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"Adapter files in {directory} do not fit the injected {method.name}: "
+            f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}. "
+            "Was it trained on a different base model or with other target_modules?"
+        )
+    state = {expected[k]: v for k, v in tensors.items()}
+    model.load_state_dict(state, strict=False)
+    if not is_trainable:
+        for name, param in model.named_parameters():
+            param.requires_grad_(False)
+    return model

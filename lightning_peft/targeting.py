@@ -1,0 +1,141 @@
+"""Finding the modules a method adapts, and swapping them in place.
+
+Every method resolves ``target_modules`` through :func:`find_targets`, so the
+matching rules (the same as Hugging Face ``peft``'s) live here once:
+
+* a list of names: a module matches when its full name equals an entry or ends
+  with ``"." + entry``;
+* a string: a regular expression that must match the full module name;
+* ``"all-linear"``: every linear layer except the model's output head.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Sequence
+
+from torch import nn
+
+ALL_LINEAR = "all-linear"
+
+TargetSpec = str | Sequence[str] | None
+
+
+def name_matches(name: str, spec: str | Sequence[str]) -> bool:
+    """Whether a module's full dotted ``name`` is selected by ``spec`` (list/suffix or full-match regex)."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == entry or name.endswith("." + entry) for entry in spec)
+
+
+def pattern_value(name: str, patterns: dict[str, int | float], default: int | float) -> int | float:
+    """Per-module override (``rank_pattern``/``alpha_pattern``): first key whose regex matches the name's tail."""
+    for key, value in patterns.items():
+        if re.match(rf"(^|.*\.){key}$", name):
+            return value
+    return default
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of the output head(s), which ``"all-linear"`` leaves alone (as peft does)."""
+    heads: set[str] = set()
+    get_output = getattr(model, "get_output_embeddings", None)
+    if callable(get_output):
+        head = get_output()
+        if head is not None:
+            heads.update(name for name, module in model.named_modules() if module is head)
+    if not heads:
+        # A plain nn.Module: by convention the last linear layer is the head.
+        linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+        if linears:
+            heads.add(linears[-1])
+    return heads
+
+
+def find_targets(
+    model: nn.Module,
+    target_modules: TargetSpec,
+    *,
+    supported: tuple[type[nn.Module], ...],
+    exclude_modules: TargetSpec = None,
+    skip: Iterable[str] = (),
+    linear_types: tuple[type[nn.Module], ...] = (nn.Linear,),
+    method: str = "method",
+) -> list[tuple[str, nn.Module]]:
+    """Resolve ``target_modules`` to ``(name, module)`` pairs, raising clear errors.
+
+    Args:
+        model: The model to search.
+        target_modules: Names, a regex, or ``"all-linear"``.
+        supported: Module types the method can adapt; a match of another type is an error.
+        exclude_modules: Same syntax as ``target_modules``; matches are dropped.
+        skip: Names never to target (e.g. modules already wrapped for ``modules_to_save``).
+        linear_types: What counts as "linear" for ``"all-linear"``.
+        method: Method name used in error messages.
+
+    Raises:
+        ValueError: nothing matches (close candidates are named), or a match has an unsupported type.
+    """
+    if target_modules is None:
+        raise ValueError(f"{method}: target_modules is required, e.g. ['q_proj', 'v_proj'] or 'all-linear'.")
+    skip = set(skip)
+    if target_modules == ALL_LINEAR:
+        heads = output_head_names(model)
+        candidates = [
+            (name, module)
+            for name, module in model.named_modules()
+            if isinstance(module, linear_types) and name not in heads
+        ]
+    else:
+        candidates = [
+            (name, module)
+            for name, module in model.named_modules()
+            if name and name_matches(name, target_modules)
+        ]
+    candidates = [
+        (name, module)
+        for name, module in candidates
+        if name not in skip
+        and not any(name.startswith(s + ".") for s in skip)
+        and not (exclude_modules is not None and name_matches(name, exclude_modules))
+    ]
+    # Never descend into a layer that is already an adapter wrapper's base (second adapter, same module).
+    candidates = [(n, m) for n, m in candidates if not n.endswith(".base_layer") and ".base_layer." not in n]
+    if not candidates:
+        raise ValueError(_nothing_matched(model, target_modules, supported, method))
+    unsupported = [(n, type(m).__name__) for n, m in candidates if not isinstance(m, supported)]
+    if unsupported:
+        shown = ", ".join(f"{n} ({t})" for n, t in unsupported[:5])
+        kinds = ", ".join(sorted({t.__module__.split(".")[0] + "." + t.__name__ for t in supported}))
+        raise TypeError(
+            f"{method}: target_modules={target_modules!r} selects modules of an unsupported type: {shown}. "
+            f"Supported layer types: {kinds}. Target their linear/conv children instead, or use exclude_modules."
+        )
+    return candidates
+
+
+def _nothing_matched(
+    model: nn.Module, target_modules: TargetSpec, supported: tuple[type[nn.Module], ...], method: str
+) -> str:
+    supported_names = [
+        name for name, module in model.named_modules() if name and isinstance(module, supported)
+    ]
+    wanted = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    close: list[str] = []
+    pool = sorted({n.rsplit(".", 1)[-1] for n in supported_names}) + supported_names
+    for entry in wanted:
+        close += [c for c in difflib.get_close_matches(str(entry), pool, n=3, cutoff=0.5) if c not in close]
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    examples = ", ".join(supported_names[:6]) or "none"
+    return (
+        f"{method}: target_modules={target_modules!r} matched no module.{hint} "
+        f"Adaptable modules include: {examples}."
+    )
+
+
+def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
+    """Replace the submodule at dotted ``name`` with ``new_module`` (the old object is not copied)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new_module)
