@@ -147,6 +147,5 @@ def load_adapter(
     state = {expected[k]: v for k, v in tensors.items()}
     model.load_state_dict(state, strict=False)
     if not is_trainable:
-        for name, param in model.named_parameters():
-            param.requires_grad_(False)
+        model.requires_grad_(False)
     return model
