@@ -85,6 +85,9 @@ def inject(model: nn.Module, method: PEFTMethod, adapter_name: str = "default") 
         record = InjectionRecord(requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
     method.inject_layers(model, adapter_name)
     method.inject_modules_to_save(model, adapter_name)
+    for _, layer in adapter_layers(model):
+        # New adapter modules start in train mode; follow the base so an eval()-ed model stays deterministic.
+        layer.train(layer.base_layer.training)
     record.methods[adapter_name] = method
     object.__setattr__(model, _RECORD_ATTR, record)
     set_adapter(model, adapter_name)
