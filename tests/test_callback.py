@@ -28,7 +28,9 @@ def token_loader(batches: int = 4, batch_size: int = 2, length: int = 12, seed: 
 class CausalLM(pl.LightningModule):
     """A user's module: a tiny Llama built in __init__, setup or configure_model."""
 
-    def __init__(self, build_in: str = "init", lr: float = 1e-2, two_groups: bool = False, scheduler: bool = False):
+    def __init__(
+        self, build_in: str = "init", lr: float = 1e-2, two_groups: bool = False, scheduler: bool = False
+    ):
         super().__init__()
         self.build_in, self.lr, self.two_groups, self.scheduler = build_in, lr, two_groups, scheduler
         self.model = tiny_llama() if build_in == "init" else None
@@ -130,7 +132,9 @@ def test_parameter_counts_logged_at_fit_start(tmp_path):
     expected = 2 * ((8 * 64 + 64 * 8) + (8 * 64 + 32 * 8))
     assert callback.parameter_counts["trainable"] == expected
     assert callback.parameter_counts["total"] == sum(p.numel() for p in module.parameters())
-    assert callback.parameter_counts["trainable_percent"] == pytest.approx(100 * expected / callback.parameter_counts["total"])
+    assert callback.parameter_counts["trainable_percent"] == pytest.approx(
+        100 * expected / callback.parameter_counts["total"]
+    )
 
 
 def test_validate_and_test_do_not_inject_twice(tmp_path):
@@ -181,7 +185,9 @@ def test_checkpoint_holds_only_adapters_and_their_optimizer_state(tmp_path):
 def test_save_weights_only_checkpoint_is_adapter_only(tmp_path):
     module = CausalLM()
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_weights_only=True)
-    make_trainer(tmp_path, [PEFTCallback(QV, target="model"), checkpoint], max_steps=2).fit(module, token_loader())
+    make_trainer(tmp_path, [PEFTCallback(QV, target="model"), checkpoint], max_steps=2).fit(
+        module, token_loader()
+    )
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert "optimizer_states" not in saved
     assert set(saved["state_dict"]) == {f"model.{k}" for k in lora_keys(module.model)}
@@ -216,13 +222,19 @@ def test_validate_and_test_from_adapter_checkpoint(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     trainer = make_trainer(tmp_path, [PEFTCallback(QV, target="model"), checkpoint], max_steps=4)
     trainer.fit(trained, token_loader())
-    expected = make_trainer(tmp_path, []).validate(trained, token_loader(batches=2), verbose=False)[0]["val_loss"]
+    expected = make_trainer(tmp_path, []).validate(trained, token_loader(batches=2), verbose=False)[0][
+        "val_loss"
+    ]
 
     fresh = CausalLM()  # same base weights, untrained adapters
     trainer = make_trainer(tmp_path, [PEFTCallback(QV, target="model")])
     before = trainer.validate(fresh, token_loader(batches=2), verbose=False)[0]["val_loss"]
-    got = trainer.validate(fresh, token_loader(batches=2), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), verbose=False)
-    tested = trainer.test(fresh, token_loader(batches=2), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), verbose=False)
+    got = trainer.validate(
+        fresh, token_loader(batches=2), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), verbose=False
+    )
+    tested = trainer.test(
+        fresh, token_loader(batches=2), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), verbose=False
+    )
     assert got[0]["val_loss"] == pytest.approx(expected, abs=1e-6)
     assert tested[0]["val_loss"] == pytest.approx(expected, abs=1e-6)
     assert abs(before - expected) > 1e-4  # the checkpoint's adapters made the difference
@@ -231,7 +243,9 @@ def test_validate_and_test_from_adapter_checkpoint(tmp_path):
 def test_checkpoint_missing_adapter_keys_is_refused(tmp_path):
     module = CausalLM()
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    make_trainer(tmp_path, [PEFTCallback(QV, target="model"), checkpoint], max_steps=1).fit(module, token_loader())
+    make_trainer(tmp_path, [PEFTCallback(QV, target="model"), checkpoint], max_steps=1).fit(
+        module, token_loader()
+    )
     path = tmp_path / "ckpt" / "last.ckpt"
     saved = torch.load(path, weights_only=True)
     dropped = "model.model.layers.1.self_attn.v_proj.lora_B.default.weight"
@@ -241,7 +255,9 @@ def test_checkpoint_missing_adapter_keys_is_refused(tmp_path):
     fresh = CausalLM()
     trainer = make_trainer(tmp_path, [PEFTCallback(QV, target="model")])
     with pytest.raises(KeyError, match=r"lacks 1 adapter tensors.*v_proj\.lora_B"):
-        trainer.validate(fresh, token_loader(batches=1), ckpt_path=str(tmp_path / "broken.ckpt"), verbose=False)
+        trainer.validate(
+            fresh, token_loader(batches=1), ckpt_path=str(tmp_path / "broken.ckpt"), verbose=False
+        )
 
 
 def test_merge_on_fit_end_folds_adapters_and_keeps_outputs(tmp_path):
@@ -288,11 +304,17 @@ class PlainModule(pl.LightningModule):
 def test_plain_module_with_convs_and_no_target(tmp_path):
     module = PlainModule()
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    method = LoRA(r=2, target_modules=["conv2d", "conv1d", "pointwise", "embed", "fc1"], modules_to_save=["fc2"])
-    make_trainer(tmp_path, [PEFTCallback(method)], max_steps=3).fit(module, DataLoader(range(3), batch_size=1))
+    method = LoRA(
+        r=2, target_modules=["conv2d", "conv1d", "pointwise", "embed", "fc1"], modules_to_save=["fc2"]
+    )
+    make_trainer(tmp_path, [PEFTCallback(method)], max_steps=3).fit(
+        module, DataLoader(range(3), batch_size=1)
+    )
     state = module.state_dict()
     changed = {k for k in state if k in before and not torch.equal(state[k], before[k])}
-    assert changed == set()  # every original tensor (now under .base_layer or the frozen original head) untouched
+    assert (
+        changed == set()
+    )  # every original tensor (now under .base_layer or the frozen original head) untouched
     assert not torch.equal(state["net.fc2.modules_to_save.default.weight"], before["net.fc2.weight"])
     assert any("lora_embedding_B" in k for k in state)
 
@@ -319,7 +341,10 @@ def test_bert_classifier_head_in_modules_to_save(tmp_path):
         module, DataLoader(range(3), batch_size=1)
     )
     keys = set(torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["state_dict"])
-    assert {"model.classifier.modules_to_save.default.weight", "model.classifier.modules_to_save.default.bias"} < keys
+    assert {
+        "model.classifier.modules_to_save.default.weight",
+        "model.classifier.modules_to_save.default.bias",
+    } < keys
     assert all("lora_" in k or "modules_to_save" in k for k in keys)
     assert len(keys) == 2 + 2 * 2 * 2  # head (w, b) + (A, B) x (query, value) x 2 layers
 
@@ -376,7 +401,9 @@ class CountingLoRA(LoRA):
 
 def test_per_step_hook_runs_once_per_optimizer_step_with_accumulation(tmp_path):
     method = CountingLoRA(target_modules=["q_proj"])
-    trainer = make_trainer(tmp_path, [PEFTCallback(method, target="model")], max_epochs=2, accumulate_grad_batches=2)
+    trainer = make_trainer(
+        tmp_path, [PEFTCallback(method, target="model")], max_epochs=2, accumulate_grad_batches=2
+    )
     trainer.fit(CausalLM(), token_loader(batches=4))
     assert method.calls == [(1, 4), (2, 4), (3, 4), (4, 4)]  # 8 batches / 2 accumulated = 4 steps
 
@@ -395,7 +422,9 @@ def test_extra_loss_gradient_equals_adding_it_to_the_loss(tmp_path):
     in_loss = WithPenalty()
     make_trainer(tmp_path, [PEFTCallback(LoRA(target_modules=["q_proj"]), target="model")],
                  max_steps=3, accumulate_grad_batches=2).fit(in_loss, token_loader(batches=6))  # fmt: skip
-    for (name, a), (_, b) in zip(via_hook.model.named_parameters(), in_loss.model.named_parameters(), strict=True):
+    for (name, a), (_, b) in zip(
+        via_hook.model.named_parameters(), in_loss.model.named_parameters(), strict=True
+    ):
         assert torch.allclose(a, b, atol=1e-6), name
     plain = CausalLM()
     make_trainer(tmp_path, [PEFTCallback(LoRA(target_modules=["q_proj"]), target="model")], max_steps=3,

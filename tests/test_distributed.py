@@ -15,7 +15,9 @@ SCRIPT = Path(__file__).parent / "distributed" / "ddp_fit.py"
 @pytest.mark.slow
 def test_ddp_two_processes_identical_adapters_one_adapter_only_checkpoint(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[2]), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)

@@ -13,9 +13,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from lightning_peft import PEFTCallback, adapter_state_dict  # noqa: E402
-from lightning_peft.methods import LoRA  # noqa: E402
-from tests.test_callback import CausalLM, token_loader  # noqa: E402
+from lightning_peft import PEFTCallback, adapter_state_dict
+from lightning_peft.methods import LoRA
+from tests.test_callback import CausalLM, token_loader
 
 
 def main(out: Path) -> None:
