@@ -43,6 +43,7 @@ from lightning_peft.methods.base import PEFTMethod
 CHECKPOINT_KEY = "lightning_peft"
 _PATCHED_HOOKS = ("configure_model", "configure_optimizers", "on_save_checkpoint", "on_load_checkpoint")
 _ORIGINAL = "_lightning_peft_original"
+_OWNER = "_lightning_peft_owner"
 
 
 class PEFTCallback(Callback):
@@ -132,17 +133,20 @@ class PEFTCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for hook in _PATCHED_HOOKS:
             current = pl_module.__dict__.get(hook)
-            if current is not None and hasattr(current, _ORIGINAL):
+            if getattr(current, _OWNER, None) is self:
                 original = getattr(current, _ORIGINAL)
                 if original is None:
                     del pl_module.__dict__[hook]
                 else:
                     pl_module.__dict__[hook] = original
 
-    @staticmethod
-    def _wrap(pl_module: pl.LightningModule, hook: str, body: Callable[..., Any]) -> None:
+    def _wrap(self, pl_module: pl.LightningModule, hook: str, body: Callable[..., Any]) -> None:
         current = pl_module.__dict__.get(hook)
-        instance_original = getattr(current, _ORIGINAL, current)  # None: the hook comes from the class
+        # Re-running setup replaces our own wrapper; another PEFTCallback's wrapper is wrapped in turn.
+        own = getattr(current, _OWNER, None) is self
+        instance_original = (
+            getattr(current, _ORIGINAL) if own else current
+        )  # None: the hook comes from the class
         original = (
             instance_original
             if instance_original is not None
@@ -154,6 +158,7 @@ class PEFTCallback(Callback):
             return body(pl_module, original, *args, **kwargs)
 
         setattr(wrapper, _ORIGINAL, instance_original)
+        setattr(wrapper, _OWNER, self)
         pl_module.__dict__[hook] = wrapper
 
     def _configure_model(self, pl_module: pl.LightningModule, original: Callable[[], None]) -> None:
@@ -174,9 +179,11 @@ class PEFTCallback(Callback):
 
     def _configure_optimizers(self, pl_module: pl.LightningModule, original: Callable[[], Any]) -> Any:
         result = original()
-        trainable = [p for p in pl_module.parameters() if p.requires_grad]
+        optimizers = list(_find_optimizers(result))
+        if not optimizers:  # None (no optimization) or something Lightning will reject itself
+            return result
         in_optimizers: set[int] = set()
-        for optimizer in _find_optimizers(result):
+        for optimizer in optimizers:
             for group in optimizer.param_groups:
                 # In place, keeping every group: schedulers hold per-group state (initial_lr, ...).
                 group["params"] = [p for p in group["params"] if p.requires_grad]
@@ -184,7 +191,7 @@ class PEFTCallback(Callback):
         left_out = [
             name for name, p in pl_module.named_parameters() if p.requires_grad and id(p) not in in_optimizers
         ]
-        if trainable and left_out:
+        if left_out:
             raise ValueError(
                 f"configure_optimizers returned optimizers that do not hold {len(left_out)} trainable adapter "
                 f"parameters (e.g. {left_out[:3]}): they were created before the adapters were injected (an optimizer "
