@@ -83,8 +83,14 @@ def inject(model: nn.Module, method: PEFTMethod, adapter_name: str = "default") 
     _refuse_sharded(model)
     if record is None:
         record = InjectionRecord(requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
-    method.inject_layers(model, adapter_name)
-    method.inject_modules_to_save(model, adapter_name)
+    wrappers_before = {id(layer) for _, layer in adapter_layers(model)}
+    try:
+        method.inject_layers(model, adapter_name)
+        method.inject_modules_to_save(model, adapter_name)
+    except Exception:
+        # e.g. DoRA or PiSSA refused on a layer found after others were already wrapped: leave no half-adapter.
+        discard_adapter(model, adapter_name, wrappers_before)
+        raise
     for _, layer in adapter_layers(model):
         # New adapter modules start in train mode; follow the base so an eval()-ed model stays deterministic.
         layer.train(layer.base_layer.training)
@@ -93,6 +99,37 @@ def inject(model: nn.Module, method: PEFTMethod, adapter_name: str = "default") 
     set_adapter(model, adapter_name)
     prepare_gradient_checkpointing(model)
     return model
+
+
+def discard_adapter(
+    model: nn.Module, adapter_name: str, wrappers_before: set[int], previous_active: str | None = None
+) -> None:
+    """Take a half-injected or refused adapter out again, leaving the model as it was before it was added.
+
+    Args:
+        model: The model.
+        adapter_name: The adapter to take out.
+        wrappers_before: ``id`` of every adapter layer that existed before the adapter was added; newer wrappers
+            are replaced by their base layer.
+        previous_active: The adapter to make active again, if there are others.
+    """
+    for name, layer in reversed(list(adapter_layers(model))):
+        if adapter_name in layer.adapter_names():
+            layer.delete_adapter(adapter_name)
+        if name and id(layer) not in wrappers_before:
+            replace_module(model, name, layer.base_layer)
+    record = injection_record(model)
+    if record is None or adapter_name not in record.methods:
+        return
+    del record.methods[adapter_name]
+    if record.methods:
+        set_adapter(
+            model, previous_active if previous_active in record.methods else next(iter(record.methods))
+        )
+    else:
+        for name, param in model.named_parameters():
+            param.requires_grad_(record.requires_grad.get(clean_key(name), True))
+        object.__delattr__(model, _RECORD_ATTR)
 
 
 def _refuse_sharded(model: nn.Module) -> None:
@@ -185,6 +222,7 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module
 
     Raises:
         NotMergeableError: a requested adapter's method cannot be merged.
+        ValueError: merging would produce NaN/Inf weights; nothing is changed.
     """
     record = _require_record(model)
     names = adapter_names or [record.active]
@@ -195,8 +233,14 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module
                 f"{method.name} (adapter '{name}') cannot be merged into the base weights: it changes what the model "
                 "computes, not only its weights. Keep it unmerged, or save it with save_adapter."
             )
-    for _, layer in adapter_layers(model):
-        layer.merge([n for n in names if n in layer.adapter_names()])
+    layers = [(layer, [n for n in names if n in layer.adapter_names()]) for _, layer in adapter_layers(model)]
+    # Check every layer before changing any, so a refused merge (e.g. NaN/Inf) leaves the whole model as it was.
+    for layer, layer_names in layers:
+        for name in layer_names:
+            if name not in layer.merged_adapters:
+                layer.check_merge(name)
+    for layer, layer_names in layers:
+        layer.merge(layer_names)
     return model
 
 

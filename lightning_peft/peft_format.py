@@ -21,8 +21,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lightning_peft.core import _require_record, adapter_state_dict, adapter_state_keys, inject
-from lightning_peft.methods.base import method_for_peft_type
+from lightning_peft.core import (
+    _require_record,
+    adapter_state_dict,
+    adapter_state_keys,
+    discard_adapter,
+    inject,
+    injection_record,
+)
+from lightning_peft.methods.base import AdapterLayer, adapter_layers, method_for_peft_type
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -39,10 +46,29 @@ _TASK_SUFFIXES = {
 
 
 def to_peft_key(key: str, adapter_name: str) -> str:
-    """Our state-dict key -> the key peft writes (adapter name dropped, modules_to_save folded)."""
+    """Our state-dict key -> the key peft writes (adapter name dropped, modules_to_save folded).
+
+    Only the segment naming the adapter inside an adapter container (``lora_A.<name>``) is dropped, so an
+    adapter named like a module path segment (``"0"``, ``"default"``) never removes part of the module path.
+    """
     key = key.replace(f".modules_to_save.{adapter_name}.", ".")
-    parts = [p for p in key.split(".") if p != adapter_name]
-    return PEFT_PREFIX + ".".join(parts)
+    containers = _adapter_attrs()
+    parts = key.split(".")
+    kept = [
+        p for i, p in enumerate(parts) if not (p == adapter_name and i > 0 and parts[i - 1] in containers)
+    ]
+    return PEFT_PREFIX + ".".join(kept)
+
+
+def _adapter_attrs() -> set[str]:
+    """Names of every adapter container attribute (``lora_A``, ``lora_magnitude_vector``, ...) of every method."""
+    attrs: set[str] = set()
+    pending = [AdapterLayer]
+    while pending:
+        cls = pending.pop()
+        attrs.update(cls.adapter_attrs)
+        pending += cls.__subclasses__()
+    return attrs
 
 
 def _task_type(model: nn.Module) -> str | None:
@@ -78,8 +104,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     )
     tensors = {
         to_peft_key(k, name): v.detach().cpu().contiguous().clone()
-        for k, v in adapter_state_dict(model, name).items()
+        for k, v in method.to_peft_state_dict(model, name, adapter_state_dict(model, name)).items()
     }
+    tensors = method.to_peft_tensors(model, name, tensors)
     _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
     _atomic_write(
         directory / CONFIG_NAME,
@@ -133,15 +160,28 @@ def load_adapter(
     else:
         raise FileNotFoundError(f"{weights_path} not found.")
     method = method_for_peft_type(config["peft_type"]).from_peft_config(config)
+    record = injection_record(model)
+    previous_active = record.active if record is not None else None
+    wrappers_before = {id(layer) for _, layer in adapter_layers(model)}
     inject(model, method, adapter_name)
+    tensors = method.from_peft_tensors(model, adapter_name, tensors)
     expected = {to_peft_key(k, adapter_name): k for k in adapter_state_keys(model, adapter_name)}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
+    shapes = model.state_dict()
+    mismatched = sorted(
+        f"{k} {tuple(tensors[k].shape)} vs {tuple(shapes[expected[k]].shape)}"
+        for k in set(expected) & set(tensors)
+        if tensors[k].shape != shapes[expected[k]].shape
+    )
+    if missing or unexpected or mismatched:
+        # Refused: take the adapter out again, so the model is as it was before the call.
+        discard_adapter(model, adapter_name, wrappers_before, previous_active)
         raise ValueError(
             f"Adapter files in {directory} do not fit the injected {method.name}: "
             f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}. "
+            f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}, "
+            f"wrong shape (file vs model) {mismatched[:5]}{' ...' if len(mismatched) > 5 else ''}. "
             "Was it trained on a different base model or with other target_modules?"
         )
     state = {expected[k]: v for k, v in tensors.items()}

@@ -32,7 +32,8 @@ def name_matches(name: str, spec: str | Sequence[str]) -> bool:
 def pattern_value(name: str, patterns: dict[str, int | float], default: int | float) -> int | float:
     """Per-module override (``rank_pattern``/``alpha_pattern``): first key whose regex matches the name's tail."""
     for key, value in patterns.items():
-        if re.match(rf"(^|.*\.){key}$", name):
+        # The key is grouped so that an alternation ("q_proj|k_proj") applies to the whole tail, as in peft.
+        if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
 
@@ -46,8 +47,13 @@ def output_head_names(model: nn.Module) -> set[str]:
         if head is not None:
             heads.update(name for name, module in model.named_modules() if module is head)
     if not heads:
-        # A plain nn.Module: by convention the last linear layer is the head.
-        linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+        # A plain nn.Module: by convention the last linear layer is the head (adapters' own layers don't count).
+        wrappers = _adapter_layer_names(model)
+        linears = [
+            name
+            for name, module in model.named_modules()
+            if isinstance(getattr(module, "base_layer", module), nn.Linear) and not _inside(name, wrappers)
+        ]
         if linears:
             heads.add(linears[-1])
     return heads
@@ -75,17 +81,28 @@ def find_targets(
         method: Method name used in error messages.
 
     Raises:
-        ValueError: nothing matches (close candidates are named), or a match has an unsupported type.
+        ValueError: nothing matches (close candidates are named).
+        TypeError: a match has an unsupported type (the supported types are named).
     """
     if target_modules is None:
         raise ValueError(f"{method}: target_modules is required, e.g. ['q_proj', 'v_proj'] or 'all-linear'.")
-    skip = set(skip)
+    skip = list(skip)
+    # Never descend into an adapter wrapper (its base layer, or another adapter's lora_A/lora_B): a second
+    # adapter on the same module extends the wrapper itself.
+    wrappers = _adapter_layer_names(model)
     if target_modules == ALL_LINEAR:
         heads = output_head_names(model)
         candidates = [
             (name, module)
             for name, module in model.named_modules()
-            if isinstance(module, linear_types) and name not in heads
+            if name not in heads
+            and (
+                isinstance(module, linear_types)
+                or (
+                    isinstance(module, supported)
+                    and isinstance(getattr(module, "base_layer", None), linear_types)
+                )
+            )
         ]
     else:
         candidates = [
@@ -96,12 +113,11 @@ def find_targets(
     candidates = [
         (name, module)
         for name, module in candidates
-        if name not in skip
-        and not any(name.startswith(s + ".") for s in skip)
+        if not _inside(name, wrappers)
+        # `skip` uses the list syntax (suffix match), and covers the skipped modules' children too.
+        and not (skip and any(name_matches(n, skip) for n in (name, *_ancestors(name))))
         and not (exclude_modules is not None and name_matches(name, exclude_modules))
     ]
-    # Never descend into a layer that is already an adapter wrapper's base (second adapter, same module).
-    candidates = [(n, m) for n, m in candidates if not n.endswith(".base_layer") and ".base_layer." not in n]
     if not candidates:
         raise ValueError(_nothing_matched(model, target_modules, supported, method))
     unsupported = [(n, type(m).__name__) for n, m in candidates if not isinstance(m, supported)]
@@ -113,6 +129,22 @@ def find_targets(
             f"Supported layer types: {kinds}. Target their linear/conv children instead, or use exclude_modules."
         )
     return candidates
+
+
+def _adapter_layer_names(model: nn.Module) -> set[str]:
+    from lightning_peft.methods.base import AdapterLayer  # imported here: methods.base imports this module
+
+    return {name for name, module in model.named_modules() if isinstance(module, AdapterLayer)}
+
+
+def _ancestors(name: str) -> list[str]:
+    """``"a.b.c"`` -> ``["a", "a.b"]``."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _inside(name: str, wrappers: set[str]) -> bool:
+    return any(ancestor in wrappers for ancestor in _ancestors(name))
 
 
 def _nothing_matched(

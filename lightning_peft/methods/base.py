@@ -106,6 +106,9 @@ class AdapterLayer(nn.Module):
         while self.merged_adapters:
             self.unmerge_adapter(self.merged_adapters.pop())
 
+    def check_merge(self, adapter_name: str) -> None:
+        """Raise, changing nothing, if merging ``adapter_name`` would fail (lets a model-wide merge be atomic)."""
+
     def merge_adapter(self, adapter_name: str) -> None:
         raise NotMergeableError(f"{type(self).__name__} cannot be merged into its base layer.")
 
@@ -238,6 +241,27 @@ class PEFTMethod:
         """The ``adapter_config.json`` content for this adapter."""
         config = {f.name: getattr(self, f.name) for f in fields(self)}
         return {"peft_type": self.peft_type, **_jsonable(config)}
+
+    def to_peft_state_dict(
+        self, model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The tensors written to ``adapter_model.safetensors``, keyed as in ``model.state_dict()``.
+
+        Unchanged by default; AdaLoRA drops its pruned triplets here, as peft does.
+        """
+        return state_dict
+
+    def to_peft_tensors(
+        self, model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The file's tensors, given them under peft keys; unchanged by default (soft prompts save one output)."""
+        return tensors
+
+    def from_peft_tensors(
+        self, model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Inverse of :meth:`to_peft_tensors`, called after injection; may reshape the adapter to what was saved."""
+        return tensors
 
     @classmethod
     def from_peft_config(cls, config: dict[str, Any]) -> PEFTMethod:

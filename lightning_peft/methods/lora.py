@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lightning_peft.methods.base import AdapterLayer, PEFTMethod
+from lightning_peft.methods.base import AdapterLayer, ModulesToSave, PEFTMethod
 from lightning_peft.targeting import find_targets, pattern_value, replace_module
 
 #: Default targets per transformers ``model_type`` when ``target_modules`` is not given (as in peft).
@@ -127,18 +127,29 @@ class LoraLayer(AdapterLayer):
         )
 
     # --- merging -------------------------------------------------------------------------------------------
-    def merge_adapter(self, adapter_name: str) -> None:
+    def _merged_weight(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The base weight with the adapter folded in (refused if not finite), and DoRA's norm (else None)."""
         weight = self.base_layer.weight
         with torch.no_grad():
             delta = self.delta_weight(adapter_name)
+            norm = None
             if adapter_name in self.lora_magnitude_vector:
                 norm = self.weight_norm(adapter_name)
                 new = self._oriented(self._dora_factor(adapter_name, norm) * self._oriented(weight + delta))
-                self._dora_norms[adapter_name] = norm
             else:
                 new = weight + delta
-            self.check_finite(new, adapter_name, type(self.base_layer).__name__)
-            weight.copy_(new)
+        self.check_finite(new, adapter_name, type(self.base_layer).__name__)
+        return new, norm
+
+    def check_merge(self, adapter_name: str) -> None:
+        self._merged_weight(adapter_name)
+
+    def merge_adapter(self, adapter_name: str) -> None:
+        new, norm = self._merged_weight(adapter_name)
+        if norm is not None:
+            self._dora_norms[adapter_name] = norm
+        with torch.no_grad():
+            self.base_layer.weight.copy_(new)
 
     def unmerge_adapter(self, adapter_name: str) -> None:
         weight = self.base_layer.weight
@@ -411,24 +422,47 @@ class LoRA(PEFTMethod):
             linear_types=(nn.Linear, Conv1D),
             method="LoRA",
         )
+        # Check every target before changing any (PiSSA rewrites base weights), so a refusal leaves the model as is.
+        planned = []
         for name, module in targets:
             layer = module if isinstance(module, LoraLayer) else _LAYER_TYPES[type(module)](module)
-            if self.use_dora and not isinstance(layer, LoraLinear):
-                raise ValueError(
-                    f"LoRA use_dora=True: DoRA supports Linear/Conv1D layers; {name} is {type(module).__name__}."
-                )
             r = int(pattern_value(name, self.rank_pattern, self.r))
-            alpha = pattern_value(name, self.alpha_pattern, self.alpha)
+            self._check_target(name, layer, r)
+            planned.append((name, module, layer, r, pattern_value(name, self.alpha_pattern, self.alpha)))
+        for name, module, layer, r, alpha in planned:
             layer.update_layer(
                 adapter_name, r, alpha, self.dropout, self.use_rslora, self.use_dora, self.init_lora_weights
             )
             if layer is not module:
                 replace_module(model, name, layer)
 
+    def _check_target(self, name: str, layer: LoraLayer, r: int) -> None:
+        kind = type(layer.base_layer).__name__
+        if self.use_dora and not isinstance(layer, LoraLinear):
+            raise ValueError(f"LoRA use_dora=True: DoRA supports Linear/Conv1D layers; {name} is {kind}.")
+        init = self.init_lora_weights
+        if isinstance(init, str) and init.startswith("pissa"):
+            if not isinstance(layer, LoraLinear):
+                raise ValueError(
+                    f"LoRA init_lora_weights={init!r}: PiSSA supports Linear/Conv1D layers; {name} is {kind}."
+                )
+            if r > min(layer.in_features, layer.out_features):
+                raise ValueError(
+                    f"LoRA init_lora_weights={init!r}: PiSSA needs r <= min(out, in) = "
+                    f"{min(layer.in_features, layer.out_features)} for {name}, got r={r}; lower r (or set "
+                    "rank_pattern for this module)."
+                )
+
     def extra_state_names(self, model: nn.Module, adapter_name: str) -> list[str]:
         if self.bias == "all":
+            # Not inside a modules_to_save wrapper: its original stays frozen, its copies are adapter state already.
+            wrapped = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, ModulesToSave))
             return [
-                name for name, _ in model.named_parameters() if name.endswith("bias") and "lora_" not in name
+                name
+                for name, _ in model.named_parameters()
+                if (name == "bias" or name.endswith(".bias"))
+                and "lora_" not in name
+                and not name.startswith(wrapped)
             ]
         if self.bias == "lora_only":
             return [
