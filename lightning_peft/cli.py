@@ -1,0 +1,211 @@
+"""The ``lightning-peft`` command line: a LightningCLI with a configurable :class:`PEFTCallback`.
+
+Usage::
+
+    lightning-peft fit      --config configs/quickstart.yaml
+    lightning-peft validate --config configs/quickstart.yaml --ckpt_path runs/quickstart/.../best.ckpt
+    lightning-peft fit      --config configs/lora.yaml --peft.method.init_args.r 16 --trainer.max_epochs 3
+
+The YAML chooses the method by class path::
+
+    peft:
+      method:
+        class_path: lightning_peft.methods.LoRA
+        init_args: {r: 8, target_modules: [query, value], modules_to_save: [classifier]}
+      target: model
+
+``model:`` and ``data:`` accept any LightningModule / LightningDataModule by class path and default to
+:class:`~lightning_peft.tasks.SequenceClassificationModule` and
+:class:`~lightning_peft.datamodules.TextClassificationDataModule`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import MethodType
+from typing import Any
+
+import torch
+from jsonargparse import Namespace, lazy_instance, set_parsing_settings
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import (
+    ArgsType,
+    LightningArgumentParser,
+    LightningCLI,
+    LRSchedulerTypeTuple,
+    instantiate_class,
+)
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+from torch.optim import Optimizer
+
+from lightning_peft.callback import PEFTCallback
+from lightning_peft.datamodules import TextClassificationDataModule
+from lightning_peft.methods.base import PEFTMethod
+from lightning_peft.peft_format import save_adapter
+from lightning_peft.tasks import SequenceClassificationModule
+
+PEFT_KEY = "peft"
+
+
+class PEFTLightningCLI(LightningCLI):
+    """LightningCLI that adds ``peft:`` (a :class:`PEFTCallback`) and builds ``optimizer:`` lazily.
+
+    Why the optimizer machinery is overridden: with a top-level ``optimizer:`` / ``lr_scheduler:`` in
+    the config, LightningCLI instantiates the optimizer right after parsing, from
+    ``model.parameters()``, and patches ``configure_optimizers`` to return that ready object. At that
+    moment no adapter exists yet (PEFTCallback injects in ``configure_model``, during ``fit``), so the
+    optimizer holds only base weights that are then frozen, the adapters are never stepped, and a model
+    built in ``configure_model`` has no parameters at all yet (Lightning issue #19110 is the same root
+    cause). Here :meth:`_add_configure_optimizers_method_to_model` resolves the same configuration but
+    defers instantiation: the patched ``configure_optimizers`` builds the optimizer, then the scheduler,
+    from the parameters that require grad *when Lightning calls it*, i.e. after injection and after the
+    strategy has wrapped the model. The result is then shaped by :meth:`LightningCLI.configure_optimizers`
+    as usual (so ``ReduceLROnPlateau`` with ``monitor`` keeps working).
+
+    After ``fit`` the trained adapter is also written in the Hugging Face ``peft`` layout to
+    ``<log_dir>/adapter`` (loadable with :func:`lightning_peft.load_adapter` or ``peft``).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # PEFTMethod subclasses are dataclasses; jsonargparse turns class_path/init_args off for pure
+        # dataclasses unless asked, and `peft.method: {class_path: lightning_peft.methods.LoRA}` needs it.
+        set_parsing_settings(subclasses_enabled=[PEFTMethod])
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(PEFTCallback, PEFT_KEY)
+        parser.set_defaults(
+            {
+                "model": lazy_instance(SequenceClassificationModule),
+                "data": lazy_instance(TextClassificationDataModule),
+            }
+        )
+
+    def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
+        if not self.auto_configure_optimizers:
+            return
+        parser = self._parser(subcommand)
+        optimizer_init = self._automatic_init(parser._optimizers, Optimizer)
+        if not optimizer_init:
+            return  # no `optimizer:` given: the LightningModule's own configure_optimizers is used
+        lr_scheduler_init = self._automatic_init(parser._lr_schedulers, LRSchedulerTypeTuple)
+        shape_result = self.configure_optimizers
+
+        def configure_optimizers(module: LightningModule) -> Any:
+            params = [p for p in module.parameters() if p.requires_grad]
+            if not params:
+                raise ValueError(
+                    "The config's `optimizer:` found no trainable parameters when configure_optimizers ran. "
+                    "Check that `peft.method` targets modules of the model (e.g. target_modules=[query, value])."
+                )
+            optimizer = instantiate_class(params, optimizer_init)
+            lr_scheduler = instantiate_class(optimizer, lr_scheduler_init) if lr_scheduler_init else None
+            return shape_result(module, optimizer, lr_scheduler)
+
+        # On the instance, as LightningCLI does; PEFTCallback wraps whatever is there.
+        self.model.configure_optimizers = MethodType(configure_optimizers, self.model)
+
+    def _automatic_init(
+        self, register: dict[str, tuple[type | tuple[type, ...], str]], base: type | tuple[type, ...]
+    ) -> dict[str, Any] | None:
+        """The ``{class_path, init_args}`` of the single AUTOMATIC optimizer/scheduler entry, if one was given.
+
+        Raises:
+            ValueError: more than one AUTOMATIC entry of this kind (LightningCLI refuses that too).
+        """
+        keys = [
+            key
+            for key, (classes, link_to) in register.items()
+            if link_to == "AUTOMATIC"
+            and any(issubclass(c, base) for c in (classes if isinstance(classes, tuple) else (classes,)))
+        ]
+        if not keys:
+            return None
+        if len(keys) > 1:
+            raise ValueError(
+                f"{type(self).__name__} supports one automatic optimizer and one lr_scheduler, found {keys}; "
+                "link the extra ones yourself and implement configure_optimizers in the LightningModule."
+            )
+        init = self._get(self.config_init, keys[0])
+        classes = register[keys[0]][0]
+        if init and not isinstance(classes, tuple):  # one fixed class: the config holds only its init args
+            init_args = init.as_dict() if isinstance(init, Namespace) else dict(init)
+            init = {"class_path": f"{classes.__module__}.{classes.__name__}", "init_args": init_args}
+        return init or None
+
+    def predict(self, **kwargs: Any) -> None:
+        """Run ``trainer.predict``, keep the outputs in ``self.predictions`` and save them under ``<log_dir>``.
+
+        Each process saves what it predicted: ``predictions.pt``, or ``predictions_rank<N>.pt`` when several
+        processes share the data.
+        """
+        self.predictions = self.trainer.predict(**kwargs)
+        log_dir = self.trainer.log_dir  # collective under DDP: every rank calls it
+        if self.predictions is None or log_dir is None:
+            return
+        world_size, rank = self.trainer.world_size, self.trainer.global_rank
+        path = Path(log_dir) / ("predictions.pt" if world_size == 1 else f"predictions_rank{rank}.pt")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(self.predictions, path)
+        rank_zero_info(f"lightning-peft: predictions ({len(self.predictions)} batches) saved to {path}")
+
+    def after_fit(self) -> None:
+        callback = next((c for c in self.trainer.callbacks if isinstance(c, PEFTCallback)), None)
+        if callback is None or self.trainer.interrupted:
+            return
+        log_dir = self.trainer.log_dir  # collective under DDP: every rank calls it
+        strategy = self.trainer.strategy
+        unsharded = isinstance(strategy, SingleDeviceStrategy) or (
+            isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
+        )
+        if not unsharded:
+            # Sharded weights (FSDP, ModelParallel, DeepSpeed) must be gathered first; the checkpoint has them.
+            rank_zero_info(
+                f"lightning-peft: {type(strategy).__name__} shards the adapter, so it is not exported "
+                "after fit; load the checkpoint into an unsharded model and call lightning_peft.save_adapter."
+            )
+            return
+        self._report_fit(callback, log_dir)
+
+    @rank_zero_only
+    def _report_fit(self, callback: PEFTCallback, log_dir: str | None) -> None:
+        if log_dir is not None:
+            directory = save_adapter(callback.target_module(self.model), Path(log_dir) / "adapter")
+            rank_zero_info(f"lightning-peft: adapter saved to {directory}")
+        best = getattr(self.trainer.checkpoint_callback, "best_model_path", "")
+        if best:
+            rank_zero_info(f"lightning-peft: best checkpoint {best}")
+        scalars = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
+        metrics = ", ".join(f"{k}={v:.4f}" for k, v in sorted(scalars.items()))
+        rank_zero_info(f"lightning-peft: final metrics {metrics}")
+
+
+def cli_main(args: ArgsType = None) -> PEFTLightningCLI:
+    """Build and run the command line in-process.
+
+    Args:
+        args: Command-line style arguments (``["fit", "--config", "x.yaml"]``) or a config dict;
+            ``None`` reads ``sys.argv``.
+
+    Returns:
+        The CLI object: ``.trainer``, ``.model`` and ``.datamodule`` are the objects that ran.
+    """
+    # jsonargparse's notice about LightningCLI's own use of a renamed method is noise for our users.
+    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+    return PEFTLightningCLI(
+        model_class=None,  # any LightningModule, by class_path
+        datamodule_class=None,  # any LightningDataModule, by class_path
+        args=args,
+    )
+
+
+def main(args: ArgsType = None) -> None:
+    """Entry point of the ``lightning-peft`` console script (returns nothing: the script exits with 0)."""
+    cli_main(args)
+
+
+if __name__ == "__main__":
+    main()

