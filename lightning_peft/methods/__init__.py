@@ -1,6 +1,20 @@
 """PEFT methods: one file per method family, each a :class:`PEFTMethod` subclass."""
 
+from lightning_peft.methods.adalora import AdaLoRA
+from lightning_peft.methods.adapter import Adapter
 from lightning_peft.methods.base import AdapterLayer, ModulesToSave, NotMergeableError, PEFTMethod
+from lightning_peft.methods.bitfit import BitFit
+from lightning_peft.methods.ia3 import IA3
 from lightning_peft.methods.lora import LoRA
 
-__all__ = ["AdapterLayer", "LoRA", "ModulesToSave", "NotMergeableError", "PEFTMethod"]
+__all__ = [
+    "IA3",
+    "AdaLoRA",
+    "Adapter",
+    "AdapterLayer",
+    "BitFit",
+    "LoRA",
+    "ModulesToSave",
+    "NotMergeableError",
+    "PEFTMethod",
+]

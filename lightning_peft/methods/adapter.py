@@ -1,0 +1,323 @@
+"""Bottleneck adapters: Houlsby, Pfeiffer and parallel.
+
+A bottleneck ``f(h) = up(act(down(h)))`` projects the hidden size ``d`` down to ``d / reduction_factor`` and
+back. Where it joins the block is what distinguishes the styles:
+
+* ``"houlsby"`` (Houlsby et al. 2019, https://arxiv.org/abs/1902.00751): sequential, ``h + f(h)``, on the output
+  of both the attention and the feed-forward sublayer, before the block adds the residual (and normalises);
+* ``"pfeiffer"`` (Pfeiffer et al. 2021, https://arxiv.org/abs/2005.00247): the same, after the feed-forward
+  sublayer only;
+* ``"parallel"`` (He et al. 2022, https://arxiv.org/abs/2110.04366): beside the sublayer, reading its input
+  ``x``: ``sublayer(x) + s * f(x)``, with ``s = 4`` as in the paper.
+
+``up`` starts at zero, so ``f = 0`` and the adapted model is exactly the base model at init.
+
+Insertion needs no copy of any attention code: a :class:`BottleneckLayer` wraps an existing submodule of each
+block and edits only its output (or, for post-LayerNorm blocks, the residual it receives).
+:func:`insertion_points` knows where those submodules are in the Llama/Mistral/Qwen2, GPT-2 and BERT/RoBERTa
+families, and takes module names for any other model. :class:`Bottleneck`, :class:`BottleneckLayer` and
+:func:`insertion_points` are the parts that composite methods (MAM adapter, UniPELT) build on.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.pytorch_utils import Conv1D
+
+from lightning_peft.methods.base import AdapterLayer, PEFTMethod
+from lightning_peft.targeting import TargetSpec, find_targets, replace_module
+
+Sublayer = Literal["attention", "feed_forward"]
+#: How a bottleneck joins the wrapped module ``m``:
+#: ``"sequential"``: ``m(x) + s f(m(x))``; ``"parallel"``: ``m(x) + s f(x)`` (``x``: m's first argument);
+#: ``"parallel_residual"``: ``m(x, r + s f(r))`` for post-LN modules ``m(x, r) = LN(g(x) + r)`` (BERT's
+#: ``*Output``), i.e. ``LN(g(x) + r + s f(r))`` where ``r`` is the sublayer's input.
+Placement = Literal["sequential", "parallel", "parallel_residual"]
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where the sublayers of one architecture family's blocks are, in ``target_modules`` syntax."""
+
+    #: Module whose output is the sublayer's output before the residual add (sequential bottlenecks).
+    attention_output: TargetSpec
+    feed_forward_output: TargetSpec
+    #: Module computing the sublayer from its input (parallel bottlenecks).
+    attention: TargetSpec
+    feed_forward: TargetSpec
+    #: Post-LayerNorm blocks: the parallel branch joins through the ``*Output`` module's residual argument.
+    parallel_placement: Placement = "parallel"
+
+
+_DECODER = BlockLayout(["self_attn.o_proj"], ["mlp.down_proj"], ["self_attn"], ["mlp"])
+_BERT = BlockLayout(
+    ["attention.output.dense"],
+    r".*layer\.\d+\.output\.dense",  # a regex: the suffix "output.dense" also names attention.output.dense
+    ["attention.output"],
+    r".*layer\.\d+\.output",
+    parallel_placement="parallel_residual",
+)
+LAYOUTS: dict[str, BlockLayout] = {
+    "llama": _DECODER,
+    "mistral": _DECODER,
+    "qwen2": _DECODER,
+    "gpt2": BlockLayout(["attn.c_proj"], ["mlp.c_proj"], ["attn"], ["mlp"]),
+    "bert": _BERT,
+    "roberta": _BERT,
+}
+
+
+def insertion_points(
+    model: nn.Module,
+    sublayer: Sublayer,
+    parallel: bool,
+    modules: TargetSpec = None,
+    skip: Sequence[str] = (),
+    method: str = "Adapter",
+) -> list[tuple[str, nn.Module, Placement]]:
+    """The modules a bottleneck on ``sublayer`` wraps in every block, and how it joins each.
+
+    Args:
+        model: The model.
+        sublayer: ``"attention"`` or ``"feed_forward"``.
+        parallel: Parallel bottleneck (reads the sublayer's input) rather than sequential (reads its output).
+        modules: User-given modules (``target_modules`` syntax) for models without a default layout: each one's
+            output must be the sublayer's output before the residual add; a parallel bottleneck reads its first
+            argument.
+        skip: Modules never to wrap (e.g. ``modules_to_save``).
+        method: Method name for error messages.
+
+    Raises:
+        ValueError: no default layout for the model and no ``modules`` given, or nothing matches.
+    """
+    placement: Placement = "parallel" if parallel else "sequential"
+    if modules is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in LAYOUTS:
+            raise ValueError(
+                f"{method}: no default {sublayer} insertion point for model_type={model_type!r} (defaults exist for "
+                f"{sorted(LAYOUTS)}); pass {sublayer}_modules, the modules whose output is the {sublayer} "
+                "sublayer's output before the residual add, e.g. ['self_attn'] / ['mlp']."
+            )
+        layout = LAYOUTS[model_type]
+        if parallel:
+            modules = layout.attention if sublayer == "attention" else layout.feed_forward
+            placement = layout.parallel_placement
+        else:
+            modules = layout.attention_output if sublayer == "attention" else layout.feed_forward_output
+    found = find_targets(model, modules, supported=(nn.Module,), skip=skip, method=f"{method} {sublayer}")
+    return [(name, module, placement) for name, module in found]
+
+
+def hidden_size(module: nn.Module) -> int:
+    """Output width of a block's submodule: its own, or that of its last linear layer (e.g. ``o_proj``)."""
+    while isinstance(module, AdapterLayer):
+        module = module.base_layer
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, Conv1D):
+        return module.nf
+    linears = [m for m in module.modules() if isinstance(m, (nn.Linear, Conv1D))]
+    if not linears:
+        raise ValueError(
+            f"Adapter: cannot tell the hidden size of {type(module).__name__}: it holds no linear layer. Point the "
+            "insertion at the sublayer's output projection instead."
+        )
+    return hidden_size(linears[-1])
+
+
+class Bottleneck(nn.Module):
+    """``up(act(down(dropout(h))))``: ``d -> d / reduction_factor -> d``; ``up`` zero-initialised (identity)."""
+
+    def __init__(
+        self,
+        dim: int,
+        reduction_factor: float = 16,
+        non_linearity: str = "relu",
+        dropout: float = 0.0,
+        init_weights: bool = True,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        size = max(1, int(dim // reduction_factor))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # down keeps nn.Linear's kaiming_uniform(a=sqrt 5) init; up = 0 makes the whole bottleneck output 0
+        self.down = nn.Linear(dim, size, device=device, dtype=dtype)
+        self.act = ACT2FN[non_linearity]
+        self.up = nn.Linear(size, dim, device=device, dtype=dtype)
+        if init_weights:
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.up(self.act(self.down(self.dropout(h))))  # (..., d) -> (..., d/rf) -> (..., d)
+
+
+class BottleneckLayer(AdapterLayer):
+    """Wraps a block's submodule and joins one bottleneck per adapter to it (see :data:`Placement`)."""
+
+    adapter_attrs = ("bottleneck",)
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.bottleneck = nn.ModuleDict()
+        self.placement: dict[str, Placement] = {}
+        self.scaling: dict[str, float] = {}
+        # Names of the wrapped forward's first two parameters: model code passes them by keyword or position.
+        inner = base_layer
+        while isinstance(inner, AdapterLayer):  # another method's wrapper takes (*args, **kwargs)
+            inner = inner.base_layer
+        self._arg_names = list(inspect.signature(inner.forward).parameters)[:2]
+
+    def add_adapter(self, adapter_name: str, module: nn.Module, placement: Placement, scaling: float) -> None:
+        """Add ``module`` (a :class:`Bottleneck`, or any ``(..., d) -> (..., d)`` module) as adapter ``adapter_name``."""
+        if placement == "parallel_residual" and len(self._arg_names) < 2:
+            raise ValueError(
+                f"{type(self.base_layer).__name__} takes no residual argument to join a bottleneck to."
+            )
+        self.bottleneck[adapter_name] = module
+        self.placement[adapter_name] = placement
+        self.scaling[adapter_name] = scaling
+        self.active_adapters = [*self.active_adapters, adapter_name]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.placement.pop(adapter_name, None)
+        self.scaling.pop(adapter_name, None)
+
+    def _branch(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        f = self.bottleneck[name]
+        dtype = next(f.parameters()).dtype
+        return (self.scaling[name] * f(h.to(dtype))).to(h.dtype)
+
+    def _get(self, index: int, args: tuple, kwargs: dict) -> tuple[Any, bool]:
+        name = self._arg_names[index]
+        if name in kwargs:
+            return kwargs[name], True
+        return args[index], False
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        active = [] if self.disabled else [a for a in self.active_adapters if a in self.bottleneck]
+        if not active:
+            return self.base_layer(*args, **kwargs)
+        x, _ = self._get(0, args, kwargs)
+        for name in active:
+            if self.placement[name] == "parallel_residual":
+                residual, by_name = self._get(1, args, kwargs)
+                residual = residual + self._branch(name, residual)
+                if by_name:
+                    kwargs = {**kwargs, self._arg_names[1]: residual}
+                else:
+                    args = (*args[:1], residual, *args[2:])
+        out = self.base_layer(*args, **kwargs)
+        h = out[0] if isinstance(out, tuple) else out  # attention modules return (output, weights)
+        for name in active:
+            if self.placement[name] == "sequential":
+                h = h + self._branch(name, h)
+            elif self.placement[name] == "parallel":
+                h = h + self._branch(name, x)
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+
+_STYLE_SUBLAYERS: dict[str, list[Sublayer]] = {
+    "houlsby": ["attention", "feed_forward"],
+    "pfeiffer": ["feed_forward"],
+    "parallel": ["feed_forward"],  # He et al.: the parallel adapter works best on the feed-forward sublayer
+}
+
+
+@dataclass(kw_only=True)
+class Adapter(PEFTMethod):
+    """Bottleneck adapters after (or beside) the attention and/or feed-forward sublayer of every block.
+
+    Example:
+        >>> Adapter(style="parallel").resolved_scaling()
+        4.0
+
+    Args:
+        style: ``"houlsby"`` (sequential, after attention and feed-forward), ``"pfeiffer"`` (sequential, after
+            feed-forward) or ``"parallel"`` (beside the sublayer, scaled).
+        reduction_factor: Hidden size divided by the bottleneck size (16: a 4096-wide model gets 256).
+        non_linearity: Activation between the projections, a transformers ``ACT2FN`` name (``"relu"``,
+            ``"gelu"``, ``"swish"``, ``"tanh"``, ...).
+        scaling: Multiplier of the bottleneck's output; ``None``: 4.0 for ``"parallel"`` (He et al.), else 1.0.
+        sublayers: Which sublayers get a bottleneck; ``None``: the style's own (see above; ``"parallel"``: the
+            feed-forward only, as in He et al.).
+        dropout: Dropout on the bottleneck's input.
+        attention_modules: For models without a default layout: modules whose output is the attention
+            sublayer's output before the residual add (e.g. ``["self_attn"]``), ``target_modules`` syntax.
+        feed_forward_modules: The same for the feed-forward sublayer (e.g. ``["mlp"]``).
+        init_weights: ``True``: ``up`` starts at zero (exact identity). ``False``: random (for tests only).
+        modules_to_save: Modules trained in full (e.g. a new classification head).
+    """
+
+    peft_type: ClassVar[str] = "BOTTLENECK_ADAPTER"
+
+    style: Literal["houlsby", "pfeiffer", "parallel"] = "houlsby"
+    reduction_factor: float = 16
+    non_linearity: str = "relu"
+    scaling: float | None = None
+    sublayers: list[Sublayer] | None = None
+    dropout: float = 0.0
+    attention_modules: list[str] | str | None = None
+    feed_forward_modules: list[str] | str | None = None
+    init_weights: bool = True
+
+    def validate(self) -> None:
+        if self.style not in _STYLE_SUBLAYERS:
+            raise ValueError(f"Adapter style={self.style!r} must be one of {sorted(_STYLE_SUBLAYERS)}.")
+        if not self.reduction_factor > 0:
+            raise ValueError(
+                f"Adapter reduction_factor={self.reduction_factor!r} must be > 0 (typical: 2 to 64; 16 by default)."
+            )
+        if self.non_linearity not in ACT2FN:
+            raise ValueError(
+                f"Adapter non_linearity={self.non_linearity!r} is unknown; use one of "
+                f"{', '.join(sorted(k for k in ACT2FN if '_' not in k))}."
+            )
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"Adapter dropout={self.dropout!r} must be in [0, 1).")
+        if self.sublayers is not None:
+            unknown = [s for s in self.sublayers if s not in ("attention", "feed_forward")]
+            if unknown or not self.sublayers:
+                raise ValueError(
+                    f"Adapter sublayers={self.sublayers!r}: use a non-empty list of 'attention', 'feed_forward'."
+                )
+
+    def resolved_scaling(self) -> float:
+        if self.scaling is not None:
+            return float(self.scaling)
+        return 4.0 if self.style == "parallel" else 1.0
+
+    def resolved_sublayers(self) -> list[Sublayer]:
+        return list(self.sublayers) if self.sublayers is not None else _STYLE_SUBLAYERS[self.style]
+
+    def build_bottleneck(self, dim: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        """One bottleneck of width ``dim`` (composite methods override this, e.g. to add a gate)."""
+        return Bottleneck(
+            dim, self.reduction_factor, self.non_linearity, self.dropout, self.init_weights, device, dtype
+        )
+
+    def inject_layers(self, model: nn.Module, adapter_name: str) -> None:
+        parallel = self.style == "parallel"
+        sites: list[tuple[str, nn.Module, Placement]] = []
+        for sublayer in self.resolved_sublayers():
+            given = self.attention_modules if sublayer == "attention" else self.feed_forward_modules
+            sites += insertion_points(model, sublayer, parallel, given, skip=self.modules_to_save or ())
+        for name, module, placement in sites:
+            layer = module if isinstance(module, BottleneckLayer) else BottleneckLayer(module)
+            weight = next(module.parameters())
+            # Half-precision bases get fp32 bottlenecks (as LoRA does): tiny, and far better optimised.
+            dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+            bottleneck = self.build_bottleneck(hidden_size(module), weight.device, dtype)
+            layer.add_adapter(adapter_name, bottleneck, placement, self.resolved_scaling())
+            if layer is not module:
+                replace_module(model, name, layer)

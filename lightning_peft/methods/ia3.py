@@ -1,0 +1,234 @@
+"""(IA)^3 (Liu et al. 2022, https://arxiv.org/abs/2205.05638): learned rescaling vectors.
+
+Each targeted linear layer gets a vector ``l`` initialised to ones. On attention keys and values it scales
+the layer's output, ``y = l * (W x + b)``; on the feed-forward down-projection it scales the input,
+``y = W (l * x) + b``, because the paper rescales the intermediate activation that feeds that layer. With
+``l = 1`` the model is unchanged, and both forms fold into ``W`` (and ``b``), so IA3 merges exactly.
+
+Numerics, shapes (``(out, 1)`` or ``(1, in)``) and parameter names (``ia3_l``) follow Hugging Face ``peft``
+so saved adapters load there and back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lightning_peft.methods.base import AdapterLayer, PEFTMethod
+from lightning_peft.targeting import find_targets, name_matches, replace_module
+
+#: Defaults per transformers ``model_type``: keys, values and the feed-forward down-projection (the paper's
+#: choice; peft's table, except that peft scales q instead of k for Qwen2).
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "llama": ["k_proj", "v_proj", "down_proj"],
+    "mistral": ["k_proj", "v_proj", "down_proj"],
+    "qwen2": ["k_proj", "v_proj", "down_proj"],
+    "gpt2": ["c_attn", "mlp.c_proj"],
+    "bert": ["key", "value", "output.dense"],
+    "roberta": ["key", "value", "output.dense"],
+    "t5": ["k", "v", "wo"],
+}
+DEFAULT_FEEDFORWARD: dict[str, list[str]] = {
+    "llama": ["down_proj"],
+    "mistral": ["down_proj"],
+    "qwen2": ["down_proj"],
+    "gpt2": ["mlp.c_proj"],
+    "bert": ["output.dense"],
+    "roberta": ["output.dense"],
+    "t5": ["wo"],
+}
+
+
+class IA3Layer(AdapterLayer):
+    """(IA)^3 around ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2, weight stored as (in, out))."""
+
+    adapter_attrs = ("ia3_l",)
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.ia3_l = nn.ParameterDict()
+        self.is_feedforward: dict[str, bool] = {}
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        self.out_features, self.in_features = self._oriented(base_layer.weight).shape
+
+    def _oriented(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T if self.fan_in_fan_out else weight
+
+    def update_layer(self, adapter_name: str, is_feedforward: bool, init_ia3_weights: bool) -> None:
+        weight = self.base_layer.weight
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        # (1, in) scales the input's features, (out, 1) the output's: the orientation of W (out, in) they scale.
+        shape = (1, self.in_features) if is_feedforward else (self.out_features, 1)
+        init = torch.ones if init_ia3_weights else torch.randn  # random: not a no-op, for testing merges
+        self.ia3_l[adapter_name] = nn.Parameter(init(shape, device=weight.device, dtype=dtype))
+        self.is_feedforward[adapter_name] = is_feedforward
+        self.active_adapters = [*self.active_adapters, adapter_name]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.is_feedforward.pop(adapter_name, None)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disabled:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        pending = [a for a in self.active_adapters if a in self.ia3_l and a not in self.merged_adapters]
+        input_scale = output_scale = None
+        for name in pending:
+            l = self.ia3_l[name].flatten()  # noqa: E741  (the paper's name)
+            if self.is_feedforward[name]:
+                input_scale = l if input_scale is None else input_scale * l
+            else:
+                output_scale = l if output_scale is None else output_scale * l
+        if input_scale is not None:
+            x = (x.to(input_scale.dtype) * input_scale).to(x.dtype)  # (..., in) * (in,)
+        result = self.base_layer(x, *args, **kwargs)
+        if output_scale is not None:
+            result = (result * output_scale).to(result.dtype)  # (..., out) * (out,)
+        return result
+
+    # --- merging: W' = l * W (rows) for outputs, W * l (columns) for inputs; b' = l * b for outputs -----------
+    def _merged(self, adapter_name: str, undo: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        base = self.base_layer
+        l = self.ia3_l[adapter_name].detach()  # noqa: E741
+        with torch.no_grad():
+            oriented = self._oriented(base.weight)  # (out, in)
+            weight = self._oriented(oriented / l if undo else oriented * l).to(base.weight.dtype)
+            bias = None
+            if not self.is_feedforward[adapter_name] and base.bias is not None:
+                bias = (base.bias / l.flatten() if undo else base.bias * l.flatten()).to(base.bias.dtype)
+        return weight, bias
+
+    def check_merge(self, adapter_name: str) -> None:
+        if (self.ia3_l[adapter_name] == 0).any():
+            raise ValueError(
+                f"IA3 adapter '{adapter_name}' has exact zeros in ia3_l of {type(self.base_layer).__name__}: merging "
+                "would erase weights that unmerge could not restore. The merge was refused; keep it unmerged."
+            )
+        weight, bias = self._merged(adapter_name)
+        self.check_finite(weight, adapter_name, type(self.base_layer).__name__)
+        if bias is not None:
+            self.check_finite(bias, adapter_name, type(self.base_layer).__name__)
+
+    def merge_adapter(self, adapter_name: str) -> None:
+        self.check_merge(adapter_name)
+        self._write(*self._merged(adapter_name))
+
+    def unmerge_adapter(self, adapter_name: str) -> None:
+        self._write(*self._merged(adapter_name, undo=True))
+
+    def _write(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        with torch.no_grad():
+            self.base_layer.weight.copy_(weight)
+            if bias is not None:
+                self.base_layer.bias.copy_(bias)
+
+
+@dataclass(kw_only=True)
+class IA3(PEFTMethod):
+    """Infused Adapter by Inhibiting and Amplifying Inner Activations.
+
+    Example:
+        >>> IA3(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]).peft_type
+        'IA3'
+
+    Args:
+        target_modules: Linear layers to rescale: names (suffix match), a full-match regex, or ``"all-linear"``.
+            ``None`` uses the per-architecture default (keys, values, feed-forward down-projection).
+        exclude_modules: Modules to leave alone, same syntax.
+        feedforward_modules: Which of the targets are feed-forward layers (their *input* is scaled), same syntax.
+            ``None`` uses the per-architecture default; ``[]`` scales every target's output.
+        init_ia3_weights: ``True``: vectors start at 1 (no-op). ``False``: random (for tests only).
+        modules_to_save: Modules trained in full (e.g. a new classification head).
+    """
+
+    peft_type: ClassVar[str] = "IA3"
+    mergeable: ClassVar[bool] = True
+
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    feedforward_modules: list[str] | str | None = None
+    init_ia3_weights: bool = True
+
+    def validate(self) -> None:
+        if isinstance(self.target_modules, list) and isinstance(self.feedforward_modules, list):
+            extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
+            if extra:
+                raise ValueError(
+                    f"IA3 feedforward_modules {extra} are not in target_modules {self.target_modules}: a feed-forward "
+                    "module must also be targeted (as in peft). Add them to target_modules."
+                )
+
+    def _resolved(self, model: nn.Module) -> tuple[list[str] | str, list[str] | str]:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        targets, feedforward = self.target_modules, self.feedforward_modules
+        if targets is None:
+            if model_type not in DEFAULT_TARGETS:
+                raise ValueError(
+                    f"IA3: target_modules is required for this model (no default for model_type={model_type!r}); "
+                    "pass the key, value and feed-forward output layers, e.g. target_modules=['k_proj', 'v_proj', "
+                    "'down_proj'], feedforward_modules=['down_proj']."
+                )
+            targets = DEFAULT_TARGETS[model_type]
+        if feedforward is None:
+            if model_type not in DEFAULT_FEEDFORWARD:
+                raise ValueError(
+                    f"IA3: feedforward_modules is required for this model (no default for model_type={model_type!r}): "
+                    "name the targets whose input should be scaled, or pass feedforward_modules=[] for none."
+                )
+            feedforward = DEFAULT_FEEDFORWARD[model_type]
+        return targets, feedforward
+
+    def inject_layers(self, model: nn.Module, adapter_name: str) -> None:
+        targets, feedforward = self._resolved(model)
+        found = find_targets(
+            model,
+            targets,
+            supported=(nn.Linear, Conv1D, IA3Layer),
+            exclude_modules=self.exclude_modules,
+            skip=self.modules_to_save or (),
+            linear_types=(nn.Linear, Conv1D),
+            method="IA3",
+        )
+        for name, module in found:
+            layer = module if isinstance(module, IA3Layer) else IA3Layer(module)
+            is_feedforward = bool(feedforward) and name_matches(name, feedforward)
+            layer.update_layer(adapter_name, is_feedforward, self.init_ia3_weights)
+            if layer is not module:
+                replace_module(model, name, layer)
+
+    def to_peft_config(self, model: nn.Module, adapter_name: str) -> dict[str, Any]:
+        layers = {
+            n: m for n, m in model.named_modules() if isinstance(m, IA3Layer) and adapter_name in m.ia3_l
+        }
+        return {
+            "peft_type": self.peft_type,
+            # Exact module names: peft's suffix matching then selects the same modules, nothing more.
+            "target_modules": sorted(layers),
+            "feedforward_modules": sorted(n for n, m in layers.items() if m.is_feedforward[adapter_name]),
+            "exclude_modules": None,
+            "fan_in_fan_out": any(m.fan_in_fan_out for m in layers.values()),
+            "init_ia3_weights": self.init_ia3_weights,
+            "modules_to_save": list(self.modules_to_save) if self.modules_to_save else None,
+        }
+
+    @classmethod
+    def from_peft_config(cls, config: dict[str, Any]) -> IA3:
+        if "feedforward_modules" not in config:
+            raise ValueError(
+                "adapter_config.json for IA3 lacks 'feedforward_modules': without it, whether each vector scales a "
+                "layer's input or its output is unknown and outputs would be silently wrong. Add the list used in "
+                "training ([] if none)."
+            )
+        return cls(
+            target_modules=config.get("target_modules"),
+            exclude_modules=config.get("exclude_modules"),
+            feedforward_modules=config["feedforward_modules"] or [],
+            init_ia3_weights=config.get("init_ia3_weights", True),
+            modules_to_save=config.get("modules_to_save"),
+        )
