@@ -6,6 +6,9 @@ from lightning_peft.methods.base import AdapterLayer, ModulesToSave, NotMergeabl
 from lightning_peft.methods.bitfit import BitFit
 from lightning_peft.methods.ia3 import IA3
 from lightning_peft.methods.lora import LoRA
+from lightning_peft.methods.p_tuning import PTuning
+from lightning_peft.methods.prefix_tuning import PrefixTuning, PTuningV2
+from lightning_peft.methods.prompt_tuning import PromptTuning
 
 __all__ = [
     "IA3",
@@ -17,4 +20,8 @@ __all__ = [
     "ModulesToSave",
     "NotMergeableError",
     "PEFTMethod",
+    "PTuning",
+    "PTuningV2",
+    "PrefixTuning",
+    "PromptTuning",
 ]

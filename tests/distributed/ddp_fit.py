@@ -1,7 +1,7 @@
 """Run by tests/test_distributed.py: a 2-process DDP fit on CPU (gloo) with PEFTCallback.
 
 Each rank writes its final adapter tensors to ``<out>/rank<r>.pt`` so the test can compare ranks.
-Usage: python tests/distributed/ddp_fit.py OUT_DIR
+Usage: python tests/distributed/ddp_fit.py OUT_DIR METHOD   (METHOD: a key of METHODS)
 """
 
 import sys
@@ -14,14 +14,22 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning_peft import PEFTCallback, adapter_state_dict
-from lightning_peft.methods import LoRA
+from lightning_peft.methods import IA3, AdaLoRA, Adapter, LoRA
 from tests.test_callback import CausalLM, token_loader
 
+METHODS = {
+    "lora": lambda: LoRA(r=4, target_modules=["q_proj", "v_proj"]),
+    # AdaLoRA masks by importance computed from each rank's gradients: they must be the all-reduced ones.
+    "adalora": lambda: AdaLoRA(target_modules=["q_proj", "v_proj"], init_r=6, target_r=2, tinit=1, tfinal=1),
+    "ia3": lambda: IA3(),
+    "adapter": lambda: Adapter(style="houlsby"),
+}
 
-def main(out: Path) -> None:
+
+def main(out: Path, method: str) -> None:
     pl.seed_everything(0)
     module = CausalLM(build_in="configure_model")
-    callback = PEFTCallback(LoRA(r=4, target_modules=["q_proj", "v_proj"]), target="model")
+    callback = PEFTCallback(METHODS[method](), target="model")
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_steps=4, logger=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[callback, ModelCheckpoint(dirpath=out / "ckpt", save_last=True)],
@@ -33,4 +41,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2])

@@ -1,0 +1,216 @@
+"""PromptTuning on every family: training, padding, generation, save/load, peft parity, contract errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_peft import disable_adapters, inject, unload
+from lightning_peft.methods import PromptTuning
+from lightning_peft.methods.virtual_tokens import VirtualTokens, virtual_tokens_layer
+from tests.methods.prompt_helpers import (
+    DECODERS,
+    FAMILIES,
+    N,
+    assert_generation_consistent,
+    assert_loads_peft_directory,
+    assert_padding_invariant,
+    assert_peft_parity,
+    assert_roundtrip,
+    assert_trains_only_prompt,
+    build,
+    fit_with_callback,
+    next_token_task,
+    sequences,
+    word_tokenizer,
+)
+from tests.tiny_models import VOCAB, tiny_bert_classifier, tiny_llama
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),  # raised inside peft
+    pytest.mark.filterwarnings(
+        "ignore:Found .* module\\(s\\) in eval mode:UserWarning"
+    ),  # tiny models stay in eval
+]
+
+
+def method(**kwargs) -> PromptTuning:
+    return PromptTuning(num_virtual_tokens=N, **kwargs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_reduces_loss_and_changes_only_the_prompt(family):
+    model = build(family, method())
+    assert_trains_only_prompt(model, family)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_and_right_padded_batches_equal_single_sequences(family):
+    assert_padding_invariant(build(family, method()), family)
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_greedy_generate_is_deterministic_and_combines_with_the_cache(family):
+    assert_generation_consistent(build(family, method()))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_load_roundtrip_and_peft_parity(family, tmp_path):
+    model = build(family, method())
+    tensors = assert_roundtrip(model, family, tmp_path / "ours")
+    assert tensors["prompt_embeddings"].shape == (N, 64)
+    assert_peft_parity(model, family, tmp_path / "peft", "prompt")
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_loads_a_directory_written_by_peft(family, tmp_path):
+    from peft import PromptTuningConfig
+
+    task_type = "CAUSAL_LM" if family in DECODERS else "SEQ_CLS"
+    assert_loads_peft_directory(
+        PromptTuningConfig(task_type=task_type, num_virtual_tokens=N), family, tmp_path
+    )
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_trains_through_peft_callback(family, tmp_path):
+    callback = fit_with_callback(PromptTuning(num_virtual_tokens=N), family, tmp_path)
+    head = 3 * 64 + 3 if family == "bert" else 0  # the classifier copy in modules_to_save
+    assert callback.parameter_counts["trainable"] == N * 64 + head
+
+
+def test_output_is_the_base_model_on_prompt_then_input_without_the_virtual_positions():
+    model = build("llama", method())
+    model.set_attn_implementation("eager")  # sdpa returns no attention weights
+    batch = next_token_task(model, length=6)
+    ids = batch["input_ids"]
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True, output_attentions=True)
+        prompts = virtual_tokens_layer(model)[1].virtual_tokens("default")  # (n, d)
+        with disable_adapters(model):
+            embeds = torch.cat([prompts.expand(len(ids), -1, -1), model.get_input_embeddings()(ids)], dim=1)
+            labels = torch.cat([torch.full((len(ids), N), -100), batch["labels"]], dim=1)
+            reference = model(inputs_embeds=embeds, labels=labels, output_hidden_states=True)
+    assert out.logits.shape == (4, 6, VOCAB)  # the virtual positions are dropped: outputs line up with inputs
+    torch.testing.assert_close(out.logits, reference.logits[:, N:], atol=0, rtol=0)
+    torch.testing.assert_close(out.loss, reference.loss, atol=0, rtol=0)  # labels padded with -100
+    assert all(h.shape == (4, 6, 64) for h in out.hidden_states)
+    torch.testing.assert_close(out.hidden_states[-1], reference.hidden_states[-1][:, N:], atol=0, rtol=0)
+    # attention weights: queries are the real tokens, keys keep the virtual ones
+    assert all(a.shape == (4, 4, 6, N + 6) for a in out.attentions)
+
+
+def test_token_type_ids_get_zeros_for_the_virtual_tokens():
+    model = build("bert", method())
+    ids = torch.stack(sequences((6, 6)))
+    token_types = torch.tensor([[0, 0, 0, 1, 1, 1]] * 2)
+    with torch.no_grad():
+        out = model(input_ids=ids, token_type_ids=token_types)
+        prompts = virtual_tokens_layer(model)[1].virtual_tokens("default")
+        with disable_adapters(model):
+            embeds = torch.cat([prompts.expand(2, -1, -1), model.get_input_embeddings()(ids)], dim=1)
+            types = torch.cat([torch.zeros(2, N, dtype=torch.long), token_types], dim=1)
+            reference = model(inputs_embeds=embeds, token_type_ids=types)
+    torch.testing.assert_close(out.logits, reference.logits, atol=0, rtol=0)
+
+
+def test_init_from_sampled_vocabulary_and_from_text(tmp_path):
+    model = tiny_llama()
+    table = model.get_input_embeddings().weight.detach().clone()
+    inject(model, PromptTuning(num_virtual_tokens=6, prompt_tuning_init="SAMPLE_VOCAB"))
+    prompts = virtual_tokens_layer(model)[1].virtual_tokens("default").detach()
+    assert all((row == table).all(dim=1).any() for row in prompts)  # every virtual token is a real token
+
+    tokenizer = word_tokenizer(tmp_path, ["classify", "the", "sentiment", "of", "this", "review"])
+    text = PromptTuning(
+        num_virtual_tokens=5, prompt_tuning_init="TEXT", prompt_tuning_init_text="classify the sentiment",
+        tokenizer_name_or_path=tokenizer,
+    )  # fmt: skip
+    model = inject(tiny_llama(), text)
+    prompts = virtual_tokens_layer(model)[1].virtual_tokens("default").detach()
+    torch.testing.assert_close(prompts, table[[2, 3, 4, 2, 3]], atol=0, rtol=0)  # 3 tokens repeated to 5
+
+
+def test_invalid_settings_are_refused():
+    with pytest.raises(ValueError, match="num_virtual_tokens=0"):
+        PromptTuning(num_virtual_tokens=0)
+    with pytest.raises(ValueError, match="needs prompt_tuning_init_text and tokenizer_name_or_path"):
+        PromptTuning(prompt_tuning_init="TEXT")
+
+
+def test_disable_and_unload_give_the_base_model_back():
+    ids = sequences((6,))[0][None]
+    base = tiny_bert_classifier()
+    with torch.no_grad():
+        expected = base(input_ids=ids).logits
+    model = inject(tiny_bert_classifier(), method())
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids).logits, expected)
+        with disable_adapters(model):
+            torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=0, rtol=0)
+        unload(model)
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=0, rtol=0)
+    assert not any(isinstance(m, VirtualTokens) for m in model.modules())
+    assert set(model.state_dict()) == set(base.state_dict())
+    assert not model._forward_pre_hooks and not model._forward_hooks  # the hooks removed themselves
+
+
+def test_a_cache_from_elsewhere_is_refused():
+    model = build("llama", method())
+    ids = sequences((5,))[0][None]
+    with torch.no_grad(), disable_adapters(model):
+        foreign = model(input_ids=ids, use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="not produced with this soft-prompt adapter"):
+        model(input_ids=ids[:, -1:], past_key_values=foreign)
+
+
+class TinyLM(nn.Module):
+    """A custom model following the documented contract."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.tokens = nn.Embedding(VOCAB, 16)
+        self.mix = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.tokens
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None):
+        h = self.tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, 16)
+        weights = torch.ones(h.shape[:2]) if attention_mask is None else attention_mask.float()
+        pooled = (torch.tanh(self.mix(h)) * weights[..., None]).sum(1) / weights.sum(1, keepdim=True)
+        return self.head(pooled)  # (B, 3): not token-level, kept as it is
+
+
+def test_custom_module_following_the_contract_works():
+    model = inject(TinyLM(), method())
+    ids = sequences((5,))[0][None]
+    with torch.no_grad():
+        out = model(ids)  # positional input_ids are rewritten too
+        prompts = virtual_tokens_layer(model)[1].virtual_tokens("default")
+        with disable_adapters(model):
+            expected = model(inputs_embeds=torch.cat([prompts[None], model.tokens(ids)], dim=1))
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
+def test_custom_module_missing_the_contract_gets_a_clear_error():
+    class NoEmbeddings(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tokens = nn.Embedding(VOCAB, 16)
+
+    with pytest.raises(ValueError, match=r"get_input_embeddings\(\)"):
+        inject(NoEmbeddings(), method())
+
+    class IdsOnly(NoEmbeddings):
+        def get_input_embeddings(self) -> nn.Module:
+            return self.tokens
+
+        def forward(self, input_ids):
+            return self.tokens(input_ids)
+
+    with pytest.raises(ValueError, match=r"does not accept \['inputs_embeds'\]"):
+        inject(IdsOnly(), method())
