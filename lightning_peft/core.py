@@ -127,9 +127,15 @@ def discard_adapter(
             model, previous_active if previous_active in record.methods else next(iter(record.methods))
         )
     else:
-        for name, param in model.named_parameters():
-            param.requires_grad_(record.requires_grad.get(clean_key(name), True))
+        _restore_requires_grad(model, record)
         object.__delattr__(model, _RECORD_ATTR)
+
+
+def _restore_requires_grad(model: nn.Module, record: InjectionRecord) -> None:
+    for name, param in model.named_parameters():
+        # Weights quantized during injection (QLoRA) were floats when recorded; integer tensors cannot require grad.
+        if param.is_floating_point():
+            param.requires_grad_(record.requires_grad.get(clean_key(name), True))
 
 
 def _refuse_sharded(model: nn.Module) -> None:
@@ -284,8 +290,7 @@ def unload(model: nn.Module, *, merge_adapters: bool = False) -> nn.Module:
             keep = layer.modules_to_save[layer.active_adapters[0]]
         if name:
             replace_module(model, name, keep)
-    for name, param in model.named_parameters():
-        param.requires_grad_(record.requires_grad.get(clean_key(name), True))
+    _restore_requires_grad(model, record)
     object.__delattr__(model, _RECORD_ATTR)
     return model
 

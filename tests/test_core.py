@@ -249,3 +249,15 @@ def test_the_injection_record_tracks_methods_and_original_trainability() -> None
     unload(model)
     assert injection_record(model) is None
     assert not model.lm_head.weight.requires_grad and model.model.embed_tokens.weight.requires_grad
+
+
+def test_a_subclass_of_a_method_does_not_take_over_loading_its_peft_type():
+    from dataclasses import dataclass
+
+    from lightning_peft.methods.base import method_for_peft_type
+
+    @dataclass(kw_only=True)
+    class MyLoRA(LoRA):
+        extra: int = 0
+
+    assert method_for_peft_type("LORA") is LoRA

@@ -9,6 +9,7 @@ from lightning_peft.methods.lora import LoRA
 from lightning_peft.methods.p_tuning import PTuning
 from lightning_peft.methods.prefix_tuning import PrefixTuning, PTuningV2
 from lightning_peft.methods.prompt_tuning import PromptTuning
+from lightning_peft.methods.qlora import QLoRA
 
 __all__ = [
     "IA3",
@@ -24,4 +25,5 @@ __all__ = [
     "PTuningV2",
     "PrefixTuning",
     "PromptTuning",
+    "QLoRA",
 ]

@@ -179,12 +179,18 @@ class PEFTMethod:
     modifies_inputs: ClassVar[bool] = False
     #: Whether some trainable parameter may get no gradient in a step (DDP then needs find_unused_parameters).
     may_have_unused_parameters: ClassVar[bool] = False
+    #: Whether defining the class makes it the loader of its ``peft_type``; a variant that saves another method's
+    #: format (QLoRA writes "LORA") opts out, so loading such a directory still builds the original method.
+    registers_peft_type: ClassVar[bool] = True
 
     modules_to_save: list[str] | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.peft_type:
+        # Only a class that names its own peft_type (or opts in explicitly) becomes its loader: a user's subclass
+        # of LoRA must not hijack "LORA".
+        registers = cls.__dict__.get("registers_peft_type", "peft_type" in cls.__dict__)
+        if cls.peft_type and registers:
             _REGISTRY[cls.peft_type] = cls
 
     def __post_init__(self) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -121,6 +122,10 @@ class LoraLayer(AdapterLayer):
         """``s * B @ A`` in the base weight's own layout."""
         raise NotImplementedError
 
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as floats in the base layer's own layout (quantized bases dequantize here)."""
+        return self.base_layer.weight
+
     def weight_norm(self, adapter_name: str) -> torch.Tensor:
         raise ValueError(
             f"DoRA is supported on Linear and GPT-2 Conv1D layers, not {type(self.base_layer).__name__}."
@@ -129,7 +134,7 @@ class LoraLayer(AdapterLayer):
     # --- merging -------------------------------------------------------------------------------------------
     def _merged_weight(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The base weight with the adapter folded in (refused if not finite), and DoRA's norm (else None)."""
-        weight = self.base_layer.weight
+        weight = self.base_weight()
         with torch.no_grad():
             delta = self.delta_weight(adapter_name)
             norm = None
@@ -235,7 +240,7 @@ class LoraLinear(LoraLayer):
 
     def weight_norm(self, adapter_name: str) -> torch.Tensor:
         # ||W + sBA|| per output row; detached, as in the DoRA paper (sec. 4.3), to save memory
-        weight = self._oriented(self.base_layer.weight + self.delta_weight(adapter_name))
+        weight = self._oriented(self.base_weight() + self.delta_weight(adapter_name))
         return weight.norm(p=2, dim=1).detach().to(_compute_dtype(self.base_layer.weight))
 
     def adapter_output(self, adapter_name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
@@ -250,7 +255,7 @@ class LoraLinear(LoraLayer):
             bias = self.base_layer.bias
             base_no_bias = base_result if bias is None else base_result - bias
         else:  # the base term must see the same dropped input as the LoRA term
-            base_no_bias = F.linear(dropped, self._oriented(self.base_layer.weight).to(dropped.dtype))
+            base_no_bias = F.linear(dropped, self._oriented(self.base_weight()).to(dropped.dtype))
         return (scale - 1) * base_no_bias.to(scale.dtype) + scale * B(A(dropped)) * scaling
 
 
@@ -321,6 +326,16 @@ _LAYER_TYPES: dict[type[nn.Module], type[LoraLayer]] = {
     nn.Conv2d: LoraConv,
     nn.Conv3d: LoraConv,
 }
+
+#: ``module -> LoRA layer type or None`` rules tried before ``_LAYER_TYPES`` (qlora.py adds bitsandbytes layers).
+LAYER_RESOLVERS: list[Callable[[nn.Module], type[LoraLayer] | None]] = []
+
+
+def lora_layer_type(module: nn.Module) -> type[LoraLayer]:
+    for resolve in LAYER_RESOLVERS:
+        if (layer_type := resolve(module)) is not None:
+            return layer_type
+    return _LAYER_TYPES[type(module)]
 
 
 @dataclass(kw_only=True)
@@ -425,7 +440,7 @@ class LoRA(PEFTMethod):
         # Check every target before changing any (PiSSA rewrites base weights), so a refusal leaves the model as is.
         planned = []
         for name, module in targets:
-            layer = module if isinstance(module, LoraLayer) else _LAYER_TYPES[type(module)](module)
+            layer = module if isinstance(module, LoraLayer) else lora_layer_type(module)(module)
             r = int(pattern_value(name, self.rank_pattern, self.r))
             self._check_target(name, layer, r)
             planned.append((name, module, layer, r, pattern_value(name, self.alpha_pattern, self.alpha)))
