@@ -17,18 +17,26 @@ The YAML chooses the method by class path::
 ``model:`` and ``data:`` accept any LightningModule / LightningDataModule by class path and default to
 :class:`~lightning_peft.tasks.SequenceClassificationModule` and
 :class:`~lightning_peft.datamodules.TextClassificationDataModule`.
+
+A config that names a class that does not exist or a key that a class does not take stops before anything
+is built, with the offending key and the closest valid names.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
 import os
+import re
+import sys
 from pathlib import Path
 from types import MethodType
-from typing import Any
+from typing import Any, NoReturn
 
-import torch
 from jsonargparse import Namespace, lazy_instance, set_parsing_settings
 from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import (
     ArgsType,
     LightningArgumentParser,
@@ -44,9 +52,101 @@ from lightning_peft.callback import PEFTCallback
 from lightning_peft.datamodules import TextClassificationDataModule
 from lightning_peft.methods.base import PEFTMethod
 from lightning_peft.peft_format import save_adapter
+from lightning_peft.prediction_writer import PredictionWriter
 from lightning_peft.tasks import SequenceClassificationModule
 
 PEFT_KEY = "peft"
+
+
+class PEFTArgumentParser(LightningArgumentParser):
+    """LightningArgumentParser whose errors end with the closest valid names instead of a page of usage."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        parser = getattr(ex, "subcommand_parser", None) or self
+        try:
+            hints = _hints(parser, message)
+        except Exception:  # hints are a courtesy: never let them hide the error itself
+            hints = []
+        message = message.rstrip() + "".join(f"\n{hint}" for hint in hints)
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            super().error(message, ex)
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"{prog}: error: {message}\ntip: list every option with `{prog} --help`.\n")
+        self.exit(2)
+
+
+def _hints(parser: LightningArgumentParser, message: str) -> list[str]:
+    """Did-you-mean lines for the errors users hit most: a class that does not exist, a key that is not taken."""
+    hints = []
+    for path, module_name, attribute in re.findall(
+        r"class_path '([\w.]+)':\s+module '([\w.]+)' has no attribute '(\w+)'", message
+    ):
+        try:
+            names = [
+                n for n, obj in vars(importlib.import_module(module_name)).items() if isinstance(obj, type)
+            ]
+        except ImportError:
+            names = []
+        close = difflib.get_close_matches(attribute, names, n=3, cutoff=0.5)
+        if close:
+            hints.append(
+                f"'{path}' does not exist; did you mean {', '.join(f'{module_name}.{c}' for c in close)}?"
+            )
+    unknown_class = ("has no attribute", "subclass of PEFTMethod", "not accessible")
+    if f'"{PEFT_KEY}.method"' in message and any(problem in message for problem in unknown_class):
+        hints.append(
+            f"PEFT methods: {', '.join(_peft_methods())} (class_path lightning_peft.methods.<name>)."
+        )
+    for path, option in re.findall(r"class_path '([\w.]+)':\s+Option '(\w+)' is not accepted", message):
+        accepted = _init_args(path)
+        close = difflib.get_close_matches(option, accepted, n=3, cutoff=0.5)
+        guess = f" Did you mean {', '.join(close)}?" if close and "did you mean" not in message else ""
+        hints.append(f"{path.rsplit('.', 1)[-1]} takes: {', '.join(accepted)}.{guess}")
+    keys = _option_keys(parser)
+    unknown = re.findall(r"unrecognized arguments: (.*)", message)
+    unknown = [a.lstrip("-").split("=")[0] for part in unknown for a in part.split() if a.startswith("--")]
+    unknown += [
+        f"{g}.{o}" for g, o in re.findall(r"Group '([\w.]+)' does not accept option '(\w+)'", message)
+    ]
+    unknown += re.findall(r"^Option '([\w.]+)' is not accepted", message, flags=re.M)
+    for key in unknown:
+        close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+        if close:
+            hints.append(f"'{key}' is not an option; did you mean {', '.join(close)}?")
+    return hints
+
+
+def _option_keys(parser: Any) -> list[str]:
+    """Every option key of a parser and of its subcommands' parsers (``trainer.max_epochs``, ...)."""
+    keys = []
+    for action in parser._actions:
+        choices = getattr(action, "choices", None)
+        if isinstance(choices, dict) and all(hasattr(p, "_actions") for p in choices.values()):
+            keys += [key for sub in choices.values() for key in _option_keys(sub)]
+        elif action.dest not in (None, "help", "config"):
+            keys.append(action.dest)
+    return sorted(set(keys))
+
+
+def _peft_methods() -> list[str]:
+    import lightning_peft.methods as methods
+
+    return sorted(
+        name for name, obj in vars(methods).items()
+        if isinstance(obj, type) and issubclass(obj, PEFTMethod) and obj is not PEFTMethod
+    )  # fmt: skip
+
+
+def _init_args(class_path: str) -> list[str]:
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError):
+        return []
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    return [
+        p.name for p in parameters if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
 
 
 class PEFTLightningCLI(LightningCLI):
@@ -73,6 +173,7 @@ class PEFTLightningCLI(LightningCLI):
         # dataclasses unless asked, and `peft.method: {class_path: lightning_peft.methods.LoRA}` needs it.
         set_parsing_settings(subclasses_enabled=[PEFTMethod])
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_class", PEFTArgumentParser)
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -136,21 +237,14 @@ class PEFTLightningCLI(LightningCLI):
             init = {"class_path": f"{classes.__module__}.{classes.__name__}", "init_args": init_args}
         return init or None
 
-    def predict(self, **kwargs: Any) -> None:
-        """Run ``trainer.predict``, keep the outputs in ``self.predictions`` and save them under ``<log_dir>``.
+    def before_predict(self) -> None:
+        """Unless the config has a prediction writer, add one: rows go to ``<log_dir>/predictions.jsonl``."""
+        if not any(isinstance(c, BasePredictionWriter) for c in self.trainer.callbacks):
+            self.trainer.callbacks.append(PredictionWriter())
 
-        Each process saves what it predicted: ``predictions.pt``, or ``predictions_rank<N>.pt`` when several
-        processes share the data.
-        """
+    def predict(self, **kwargs: Any) -> None:
+        """Run ``trainer.predict`` and keep what it returns in ``self.predictions`` (the writer saved it too)."""
         self.predictions = self.trainer.predict(**kwargs)
-        log_dir = self.trainer.log_dir  # collective under DDP: every rank calls it
-        if self.predictions is None or log_dir is None:
-            return
-        world_size, rank = self.trainer.world_size, self.trainer.global_rank
-        path = Path(log_dir) / ("predictions.pt" if world_size == 1 else f"predictions_rank{rank}.pt")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(self.predictions, path)
-        rank_zero_info(f"lightning-peft: predictions ({len(self.predictions)} batches) saved to {path}")
 
     def after_fit(self) -> None:
         callback = next((c for c in self.trainer.callbacks if isinstance(c, PEFTCallback)), None)

@@ -16,7 +16,8 @@ from lightning.pytorch import Callback
 
 from lightning_peft import PEFTCallback, count_parameters
 from lightning_peft.cli import PEFTLightningCLI, cli_main, main
-from lightning_peft.datamodules import TextClassificationDataModule, embedded_split_path, read_tsv
+from lightning_peft.data_files import read_records
+from lightning_peft.datamodules import TextClassificationDataModule, embedded_split_path
 from lightning_peft.methods import LoRA
 
 pytest.importorskip(
@@ -65,7 +66,7 @@ def tiny_config(root: Path, **overrides: Any) -> dict[str, Any]:
         },
         "model": {
             "class_path": "lightning_peft.tasks.SequenceClassificationModule",
-            "init_args": {"max_length": 32},
+            "init_args": {"max_length": 32, "label_names": ["negative", "positive"]},
         },
         "data": {
             "class_path": "lightning_peft.datamodules.TextClassificationDataModule",
@@ -248,10 +249,13 @@ def test_help_lists_the_peft_options(capsys):
 
 
 def test_embedded_dataset_is_balanced_and_disjoint():
-    splits = {s: read_tsv(embedded_split_path(s)) for s in ("train", "validation", "test")}
+    splits = {
+        s: [(r["text"], int(r["label"])) for _, r in read_records(embedded_split_path(s), ["text", "label"])]
+        for s in ("train", "validation", "test")
+    }
     assert [len(splits[s]) for s in ("train", "validation", "test")] == [208, 50, 50]
     for rows in splits.values():
-        assert sum(label for _, label in rows) * 2 == len(rows)
+        assert sum(label for _, label in rows) * 2 == len(rows)  # balanced: the majority baseline is 0.5
     texts = [text for rows in splits.values() for text, _ in rows]
     assert len(set(texts)) == len(texts)
 
@@ -267,3 +271,144 @@ def test_data_module_pads_per_batch_and_truncates_to_max_length():
     lengths = next(iter(loose.val_dataloader()))["attention_mask"].sum(dim=1)
     assert lengths.max() < 64  # padded to the longest sentence of the batch, not to max_length
     assert lengths.max() == next(iter(loose.val_dataloader()))["input_ids"].shape[1]
+
+
+def test_fit_logs_f1_beside_accuracy(fitted_with_yaml_optimizer):
+    cli, _ = fitted_with_yaml_optimizer
+    metrics = cli.trainer.callback_metrics
+    assert 0.0 <= metrics["val_f1"].item() <= 1.0 and 0.0 <= metrics["val_acc"].item() <= 1.0
+
+
+def test_predict_writes_one_label_per_input(fitted_with_yaml_optimizer, tmp_path):
+    fitted, _ = fitted_with_yaml_optimizer
+    sentences = ["An absolute delight from start to finish.", "Cold food, rude staff, never again.", "Fine."]
+    inputs = tmp_path / "inputs.txt"
+    inputs.write_text("\n".join(sentences) + "\n")
+    out_dir = tmp_path / "predict"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(out_dir)))
+    cli = cli_main([
+        "predict", "--config", str(config), "--ckpt_path", fitted.trainer.checkpoint_callback.best_model_path,
+        "--data.init_args.predict_file", str(inputs),
+    ])  # fmt: skip
+    rows = [json.loads(line) for line in (out_dir / "predictions.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in rows] == sentences
+    assert all(r["label"] in ("negative", "positive") and 0.5 <= r["probability"] <= 1.0 for r in rows)
+    # the labels are the trained model's (adapter from the checkpoint), not a fresh head's
+    tokenizer = fitted.model.tokenizer
+    with torch.no_grad():
+        fitted.model.eval()
+        logits = fitted.model.model(**tokenizer(sentences, padding=True, return_tensors="pt")).logits
+    assert [r["label"] for r in rows] == [["negative", "positive"][i] for i in logits.argmax(-1).tolist()]
+    assert sum(len(batch) for batch in cli.predictions) == len(sentences)
+
+
+def _parse_error(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), *args, "--print_config"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" not in err and len(err.splitlines()) < 20  # the error and hints, not a page of usage
+    return err
+
+
+def test_unknown_method_class_is_a_clear_error(capsys):
+    err = _parse_error(capsys, "--peft.method.class_path", "lightning_peft.methods.LoRAX")
+    assert "lightning_peft.methods.LoRAX" in err and "did you mean lightning_peft.methods.LoRA" in err
+    assert "PEFT methods:" in err and "PromptTuning" in err
+    err = _parse_error(capsys, "--peft.method", "torch.nn.Linear")
+    assert "subclass of PEFTMethod" in err and "PEFT methods:" in err
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        ("trainer:\n  max_epochss: 1\n", ["max_epochss", "did you mean trainer.max_epochs"]),
+        ("trainerr:\n  max_epochs: 1\n", ["trainerr", "did you mean trainer.max_epochs"]),
+        (
+            "peft:\n  method:\n    init_args:\n      rank: 4\n",
+            ["Option 'rank' is not accepted", "LoRA takes: "],
+        ),
+        ("model:\n  init_args:\n    max_len: 4\n", ["max_len", "SequenceClassificationModule takes: "]),
+    ],
+    ids=["trainer-key", "top-level-key", "method-arg", "model-arg"],
+)
+def test_config_key_that_does_not_exist_is_a_clear_error(capsys, tmp_path, yaml_text, expected):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(yaml_text)
+    err = _parse_error(capsys, "--config", str(extra))
+    assert all(text in err for text in expected), err
+
+
+def test_unknown_command_line_option_is_a_clear_error(capsys):
+    err = _parse_error(capsys, "--trainer.maxx_epochs", "3")
+    assert "--trainer.maxx_epochs" in err and "did you mean trainer.max_epochs" in err
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("missing.jsonl", None, "train_file '{path}' does not exist"),
+        (
+            "broken.jsonl",
+            '{"text": "ok", "label": 1}\n{"text": "no end", "label": 0\n',
+            "{path}, line 2: malformed JSON",
+        ),
+        (
+            "columns.csv",
+            "sentence,sentiment\nGood.,1\n",
+            "{path}, line 1: the header has no ['text', 'label'] column",
+        ),
+        (
+            "labels.tsv",
+            "label\ttext\npositive\tGood.\nneutral\tMeh.\n",
+            "{path}, line 3: unknown label 'neutral'",
+        ),
+    ],
+    ids=["missing-file", "malformed-line", "absent-columns", "unknown-label"],
+)
+def test_bad_data_stops_before_the_model_is_built(tmp_path, monkeypatch, name, content, expected):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    built = []
+    monkeypatch.setattr(
+        "lightning_peft.tasks.SequenceClassificationModule.configure_model", lambda self: built.append(self)
+    )
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tmp_path)))
+    with pytest.raises((FileNotFoundError, ValueError)) as error:
+        cli_main(["fit", "--config", str(config), "--data.init_args.train_file", str(path)])
+    assert expected.format(path=path) in str(error.value)
+    assert not built
+
+
+def test_sft_config_fits_then_predict_generates_the_same_text_twice(tmp_path):
+    common = ["--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
+              "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    fitted = cli_main([
+        "fit", "--config", str(CONFIGS / "sft_tiny_llama.yaml"), *common,
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+    ])  # fmt: skip
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_file()
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    assert state and all(
+        ".lora_" in k for k in state
+    )  # adapter only: the random base is rebuilt from init_seed
+    outputs = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        cli_main([
+            "predict", "--config", str(CONFIGS / "sft_tiny_llama.yaml"), *common,
+            "--trainer.default_root_dir", str(out), "--ckpt_path", str(checkpoint),
+        ])  # fmt: skip
+        outputs.append([json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()])
+    first, second = outputs
+    validation_prompts = [
+        fitted.datamodule.tokenizer.decode(e["input_ids"]) for e in fitted.datamodule.datasets["validation"]
+    ]
+    assert len(first) == len(validation_prompts) == 5  # 10 % of the 48 shipped pairs
+    assert all(row["prompt"] in text for row, text in zip(first, validation_prompts, strict=True))
+    assert all(isinstance(row["response"], str) for row in first)
+    assert first == second  # greedy decoding: deterministic
