@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning_peft import PEFTCallback, adapter_state_dict
-from lightning_peft.methods import IA3, AdaLoRA, Adapter, LoRA
+from lightning_peft.methods import IA3, AdaLoRA, Adapter, LoRA, PrefixTuning, PromptTuning
 from tests.test_callback import CausalLM, token_loader
 
 METHODS = {
@@ -23,6 +23,9 @@ METHODS = {
     "adalora": lambda: AdaLoRA(target_modules=["q_proj", "v_proj"], init_r=6, target_r=2, tinit=1, tfinal=1),
     "ia3": lambda: IA3(),
     "adapter": lambda: Adapter(style="houlsby"),
+    # Soft prompts: the input-rewriting hooks (prompt) and the per-layer cache (prefix) under DDP.
+    "prompt_tuning": lambda: PromptTuning(num_virtual_tokens=4),
+    "prefix_tuning": lambda: PrefixTuning(num_virtual_tokens=4),
 }
 
 
