@@ -147,7 +147,9 @@ def test_validate_and_test_do_not_inject_twice(tmp_path):
     assert lora_param_names(module) == names_after_fit
     assert not any(".base_layer.base_layer" in n for n, _ in module.named_parameters())
     # the hooks wrapped on the instance for the run are restored at teardown
-    assert not {"configure_model", "configure_optimizers", "on_save_checkpoint", "on_load_checkpoint"} & set(vars(module))
+    assert not {"configure_model", "configure_optimizers", "on_save_checkpoint", "on_load_checkpoint"} & set(
+        vars(module)
+    )
 
 
 def test_checkpoint_holds_only_adapters_and_their_optimizer_state(tmp_path):

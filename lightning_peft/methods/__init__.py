@@ -4,12 +4,15 @@ from lightning_peft.methods.adalora import AdaLoRA
 from lightning_peft.methods.adapter import Adapter
 from lightning_peft.methods.base import AdapterLayer, ModulesToSave, NotMergeableError, PEFTMethod
 from lightning_peft.methods.bitfit import BitFit
+from lightning_peft.methods.compose import ComposedMethod, MethodUnion
 from lightning_peft.methods.ia3 import IA3
 from lightning_peft.methods.lora import LoRA
+from lightning_peft.methods.mam_adapter import MAMAdapter
 from lightning_peft.methods.p_tuning import PTuning
 from lightning_peft.methods.prefix_tuning import PrefixTuning, PTuningV2
 from lightning_peft.methods.prompt_tuning import PromptTuning
 from lightning_peft.methods.qlora import QLoRA
+from lightning_peft.methods.unipelt import UniPELT
 
 __all__ = [
     "IA3",
@@ -17,7 +20,10 @@ __all__ = [
     "Adapter",
     "AdapterLayer",
     "BitFit",
+    "ComposedMethod",
     "LoRA",
+    "MAMAdapter",
+    "MethodUnion",
     "ModulesToSave",
     "NotMergeableError",
     "PEFTMethod",
@@ -26,4 +32,5 @@ __all__ = [
     "PrefixTuning",
     "PromptTuning",
     "QLoRA",
+    "UniPELT",
 ]

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lightning_peft.methods.base import AdapterLayer, ModulesToSave, PEFTMethod
+from lightning_peft.methods.base import AdapterLayer, ModulesToSave, NotMergeableError, PEFTMethod
 from lightning_peft.targeting import find_targets, pattern_value, replace_module
 
 #: Default targets per transformers ``model_type`` when ``target_modules`` is not given (as in peft).
@@ -63,6 +63,7 @@ class LoraLayer(AdapterLayer):
         "lora_embedding_B",
         "lora_magnitude_vector",
         "lora_dropout",
+        "lora_gate",
     )
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -73,6 +74,8 @@ class LoraLayer(AdapterLayer):
         self.lora_embedding_B = nn.ParameterDict()
         self.lora_magnitude_vector = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
+        # Optional per adapter: a module mapping the input (..., in) to a (..., 1) factor on the update (UniPELT).
+        self.lora_gate = nn.ModuleDict()
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
         self._dora_norms: dict[str, torch.Tensor] = {}  # weight norms used at merge time, needed to unmerge
@@ -134,6 +137,11 @@ class LoraLayer(AdapterLayer):
     # --- merging -------------------------------------------------------------------------------------------
     def _merged_weight(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The base weight with the adapter folded in (refused if not finite), and DoRA's norm (else None)."""
+        if adapter_name in self.lora_gate:
+            raise NotMergeableError(
+                f"LoRA adapter '{adapter_name}' is gated per input (UniPELT): its update depends on the input, so it "
+                "cannot fold into a weight."
+            )
         weight = self.base_weight()
         with torch.no_grad():
             delta = self.delta_weight(adapter_name)
@@ -184,7 +192,10 @@ class LoraLayer(AdapterLayer):
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         for name in self.pending_adapters():
-            result = result + self.adapter_output(name, x, result).to(result.dtype)
+            update = self.adapter_output(name, x, result)
+            if name in self.lora_gate:  # (..., 1) in (0, 1): the update's share for this input
+                update = self.lora_gate[name](x) * update
+            result = result + update.to(result.dtype)
         return result
 
     def adapter_output(self, adapter_name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:

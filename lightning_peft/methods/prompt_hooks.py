@@ -43,6 +43,8 @@ from torch import nn
 from lightning_peft.methods.virtual_tokens import VirtualTokens, VirtualTokenSpec
 
 CACHE_TAG = "_lightning_peft_virtual_tokens"
+#: On a cache the prefix was written to: the call's own (B, T) padding mask (which inputs are real tokens).
+INPUT_MASK_TAG = "_lightning_peft_input_mask"
 _HOOKS_ATTR = "_lightning_peft_prompt_hooks"
 _CALLS = threading.local()  # the pre-hook's record of each call, for the post-hook (per thread: DataParallel)
 _TOKEN_LEVEL_2D = ("start_logits", "end_logits")
@@ -156,6 +158,7 @@ def rewrite_inputs(layer: VirtualTokens, adapter_name: str, kwargs: dict, config
         for index, (key, value) in enumerate(layer.prefix(adapter_name, batch, dtype)):
             cache.update(key, value, index)  # (B, n_kv_heads, n, head_dim) per layer
         setattr(cache, CACHE_TAG, (adapter_name, n))
+        setattr(cache, INPUT_MASK_TAG, mask)
         kwargs["past_key_values"] = call.prefix_cache = cache
     return call
 

@@ -56,11 +56,13 @@ class PromptEmbedding(nn.Module):
 class VirtualTokens(AdapterLayer):
     """Wraps the input embedding (unchanged in forward) and holds each adapter's prompt encoder."""
 
-    adapter_attrs = ("prompt_encoder",)
+    adapter_attrs = ("prompt_encoder", "prefix_gates")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.prompt_encoder = nn.ModuleDict()
+        # Optional per adapter: one gate per layer on its prefix (UniPELT), applied by that method's attention hooks.
+        self.prefix_gates = nn.ModuleDict()
         self.specs: dict[str, VirtualTokenSpec] = {}
 
     def add_adapter(self, adapter_name: str, encoder: nn.Module, spec: VirtualTokenSpec) -> None:
