@@ -4,6 +4,7 @@ from lightning_peft.callback import PEFTCallback
 from lightning_peft.core import (
     adapter_state_dict,
     count_parameters,
+    delete_adapter,
     disable_adapters,
     inject,
     merge,
@@ -12,6 +13,7 @@ from lightning_peft.core import (
     unload,
     unmerge,
 )
+from lightning_peft.multi_adapter import add_weighted_adapter, mixed_batch
 from lightning_peft.peft_format import load_adapter, save_adapter
 
 __version__ = "0.1.0"
@@ -19,12 +21,15 @@ __version__ = "0.1.0"
 __all__ = [
     "PEFTCallback",
     "adapter_state_dict",
+    "add_weighted_adapter",
     "count_parameters",
+    "delete_adapter",
     "disable_adapters",
     "inject",
     "load_adapter",
     "merge",
     "merge_and_unload",
+    "mixed_batch",
     "save_adapter",
     "set_adapter",
     "unload",

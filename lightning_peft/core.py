@@ -131,6 +131,35 @@ def discard_adapter(
         object.__delattr__(model, _RECORD_ATTR)
 
 
+def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+    """Remove adapter ``adapter_name`` (its parameters and layers); other adapters stay exactly as they were.
+
+    Layers left holding no adapter are replaced by their base layer. Deleting the active adapter makes the first
+    remaining one active; deleting the last adapter restores the base model as :func:`unload` does.
+
+    Args:
+        model: A model with injected adapters.
+        adapter_name: The adapter to remove.
+
+    Returns:
+        The same ``model`` object.
+
+    Raises:
+        ValueError: ``adapter_name`` is not an adapter of this model (the known names are listed).
+    """
+    record = _require_record(model)
+    if adapter_name not in record.methods:
+        raise ValueError(
+            f"Cannot delete adapter '{adapter_name}': this model has {sorted(record.methods)}. "
+            "Pass one of those names."
+        )
+    # Wrappers that still hold another adapter stay; discard_adapter unwraps every other one it touches.
+    kept = {id(layer) for _, layer in adapter_layers(model) if set(layer.adapter_names()) - {adapter_name}}
+    previous_active = record.active if record.active != adapter_name else None
+    discard_adapter(model, adapter_name, kept, previous_active)
+    return model
+
+
 def _restore_requires_grad(model: nn.Module, record: InjectionRecord) -> None:
     for name, param in model.named_parameters():
         # Weights quantized during injection (QLoRA) were floats when recorded; integer tensors cannot require grad.

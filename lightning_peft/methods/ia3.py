@@ -54,6 +54,8 @@ class IA3Layer(AdapterLayer):
         self.is_feedforward: dict[str, bool] = {}
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         self.out_features, self.in_features = self._oriented(base_layer.weight).shape
+        # One adapter name (or None: the base) per batch row, set only inside lightning_peft.mixed_batch.
+        self.row_adapters: list[str | None] | None = None
 
     def _oriented(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.T if self.fan_in_fan_out else weight
@@ -77,6 +79,8 @@ class IA3Layer(AdapterLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if self.row_adapters is not None:
+            return self._forward_rows(x, *args, **kwargs)
         pending = [a for a in self.active_adapters if a in self.ia3_l and a not in self.merged_adapters]
         input_scale = output_scale = None
         for name in pending:
@@ -91,6 +95,36 @@ class IA3Layer(AdapterLayer):
         if output_scale is not None:
             result = (result * output_scale).to(result.dtype)  # (..., out) * (out,)
         return result
+
+    def _forward_rows(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Mixed batch: each row is scaled by its own adapter in ``row_adapters``; ``None`` rows stay base."""
+        rows = self.row_adapters
+        if x.shape[0] != len(rows):
+            raise ValueError(
+                f"mixed_batch was given {len(rows)} adapter names but {type(self.base_layer).__name__} got a batch of "
+                f"{x.shape[0]} rows; pass one name (or None) per row of the batch."
+            )
+        broadcast = (len(rows),) + (1,) * (x.dim() - 2) + (-1,)  # (B, 1, ..., features)
+        input_scale = self._row_scales(rows, feedforward=True)
+        if input_scale is not None:
+            x = (x.to(input_scale.dtype) * input_scale.view(broadcast)).to(x.dtype)
+        result = self.base_layer(x, *args, **kwargs)
+        output_scale = self._row_scales(rows, feedforward=False)
+        if output_scale is not None:
+            result = (result * output_scale.view(broadcast)).to(result.dtype)
+        return result
+
+    def _row_scales(self, rows: list[str | None], feedforward: bool) -> torch.Tensor | None:
+        """(B, features): each row's vector, ones for rows whose adapter scales the other side (or is absent)."""
+        vectors = [
+            self.ia3_l[n].flatten() if n in self.ia3_l and self.is_feedforward[n] == feedforward else None
+            for n in rows
+        ]
+        present = [v for v in vectors if v is not None]
+        if not present:
+            return None
+        ones = torch.ones_like(present[0])
+        return torch.stack([ones if v is None else v for v in vectors])
 
     # --- merging: W' = l * W (rows) for outputs, W * l (columns) for inputs; b' = l * b for outputs -----------
     def _merged(self, adapter_name: str, undo: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -79,6 +79,8 @@ class LoraLayer(AdapterLayer):
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
         self._dora_norms: dict[str, torch.Tensor] = {}  # weight norms used at merge time, needed to unmerge
+        # One adapter name (or None: the base) per batch row, set only inside lightning_peft.mixed_batch.
+        self.row_adapters: list[str | None] | None = None
 
     def update_layer(
         self,
@@ -100,6 +102,12 @@ class LoraLayer(AdapterLayer):
             with torch.no_grad():
                 self.lora_magnitude_vector[adapter_name] = nn.Parameter(self.weight_norm(adapter_name))
         self.active_adapters = [*self.active_adapters, adapter_name]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.r.pop(adapter_name, None)
+        self.scaling.pop(adapter_name, None)
+        self._dora_norms.pop(adapter_name, None)
 
     # --- implemented per layer kind --------------------------------------------------------------------------
     def create_weights(self, adapter_name: str, r: int, device: torch.device, dtype: torch.dtype) -> None:
@@ -191,11 +199,32 @@ class LoraLayer(AdapterLayer):
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
+        if self.row_adapters is not None:
+            return self._forward_rows(x, result)
         for name in self.pending_adapters():
             update = self.adapter_output(name, x, result)
             if name in self.lora_gate:  # (..., 1) in (0, 1): the update's share for this input
                 update = self.lora_gate[name](x) * update
             result = result + update.to(result.dtype)
+        return result
+
+    def _forward_rows(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Mixed batch: each row gets the update of its own adapter in ``row_adapters``; ``None`` rows stay base."""
+        rows = self.row_adapters
+        if x.shape[0] != len(rows):
+            raise ValueError(
+                f"mixed_batch was given {len(rows)} adapter names but {type(self.base_layer).__name__} got a batch of "
+                f"{x.shape[0]} rows; pass one name (or None) per row of the batch."
+            )
+        for name in dict.fromkeys(rows):
+            if name is None or name not in self.r:  # no such adapter here: those rows stay base
+                continue
+            index = torch.tensor([i for i, n in enumerate(rows) if n == name], device=result.device)
+            sub_x = x.index_select(0, index)  # (rows of this adapter, ...)
+            update = self.adapter_output(name, sub_x, result.index_select(0, index))
+            if name in self.lora_gate:
+                update = self.lora_gate[name](sub_x) * update
+            result = result.index_add(0, index, update.to(result.dtype))
         return result
 
     def adapter_output(self, adapter_name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
