@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning_peft import PEFTCallback, adapter_state_dict
-from lightning_peft.methods import IA3, AdaLoRA, Adapter, LoRA, PrefixTuning, PromptTuning
+from lightning_peft.methods import IA3, AdaLoRA, Adapter, LoRA, PrefixTuning, PromptTuning, QLoRA
 from tests.test_callback import CausalLM, token_loader
 
 METHODS = {
@@ -26,6 +26,8 @@ METHODS = {
     # Soft prompts: the input-rewriting hooks (prompt) and the per-layer cache (prefix) under DDP.
     "prompt_tuning": lambda: PromptTuning(num_virtual_tokens=4),
     "prefix_tuning": lambda: PrefixTuning(num_virtual_tokens=4),
+    # One NF4-quantized base per rank, LoRA on top.
+    "qlora": lambda: QLoRA(r=4, target_modules=["q_proj", "v_proj"]),
 }
 
 
