@@ -202,11 +202,15 @@ class LoraLayer(AdapterLayer):
         if self.row_adapters is not None:
             return self._forward_rows(x, result)
         for name in self.pending_adapters():
-            update = self.adapter_output(name, x, result)
-            if name in self.lora_gate:  # (..., 1) in (0, 1): the update's share for this input
-                update = self.lora_gate[name](x) * update
-            result = result + update.to(result.dtype)
+            result = self.add_update(name, x, result)
         return result
+
+    def add_update(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result`` plus this adapter's update (scaled per input by its gate, if any: UniPELT)."""
+        update = self.adapter_output(adapter_name, x, result)
+        if adapter_name in self.lora_gate:  # (..., 1) in (0, 1): the update's share for this input
+            update = self.lora_gate[adapter_name](x) * update
+        return result + update.to(result.dtype)
 
     def _forward_rows(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Mixed batch: each row gets the update of its own adapter in ``row_adapters``; ``None`` rows stay base."""
@@ -227,9 +231,15 @@ class LoraLayer(AdapterLayer):
             result = result.index_add(0, index, update.to(result.dtype))
         return result
 
+    def dropped_input(self, adapter_name: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``x`` in the adapter's dtype through its dropout; at p = 0 (an Identity) no module is called at all."""
+        dropout = self.lora_dropout[adapter_name]
+        x = x.to(dtype)
+        return x if isinstance(dropout, nn.Identity) else dropout(x)
+
     def adapter_output(self, adapter_name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
         A, B = self.lora_A[adapter_name], self.lora_B[adapter_name]
-        dropped = self.lora_dropout[adapter_name](x.to(A.weight.dtype))
+        dropped = self.dropped_input(adapter_name, x, A.weight.dtype)
         return B(A(dropped)) * self.scaling[adapter_name]  # (..., in) -> (..., r) -> (..., out)
 
 
@@ -282,6 +292,23 @@ class LoraLinear(LoraLayer):
         # ||W + sBA|| per output row; detached, as in the DoRA paper (sec. 4.3), to save memory
         weight = self._oriented(self.base_weight() + self.delta_weight(adapter_name))
         return weight.norm(p=2, dim=1).detach().to(_compute_dtype(self.base_layer.weight))
+
+    def add_update(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        if adapter_name in self.lora_gate or adapter_name in self.lora_magnitude_vector:
+            return super().add_update(adapter_name, x, result)
+        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        after_A = F.linear(self.dropped_input(adapter_name, x, A.dtype), A)  # (..., in) @ (in, r) -> (..., r)
+        if result.dtype != after_A.dtype:  # a half-precision or quantized base with fp32 adapters
+            return result + (F.linear(after_A, B) * self.scaling[adapter_name]).to(result.dtype)
+        # result + s * (N, r) @ (r, out) -> (N, out) as one GEMM: addmm applies the scale (alpha) and the sum
+        # itself, so no (..., out)-sized temporary is made forward, and none is multiplied by s backward.
+        fused = torch.addmm(
+            result.reshape(-1, result.shape[-1]),
+            after_A.reshape(-1, after_A.shape[-1]),
+            B.T,
+            alpha=self.scaling[adapter_name],
+        )
+        return fused.view(result.shape)
 
     def adapter_output(self, adapter_name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
         if adapter_name not in self.lora_magnitude_vector:

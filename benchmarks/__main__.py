@@ -1,0 +1,217 @@
+"""Every PEFT method on one model, measured in one run; writes results.md, results.json and results.png.
+
+For each method (and full fine-tuning as the reference): trainable parameters, adapter file bytes, training-step
+time against full fine-tuning and against the FLOP-ideal ratio (benchmarks/flops.py states the model), memory of
+a training step (tensors saved for backward, gradients + AdamW state, process peak in a fresh subprocess), and
+forward latency unmerged and merged against the base model. Then lightning-peft vs Hugging Face peft on identical
+LoRA, IA3 and prompt-tuning configs, and optionally (``--quality``, minutes) every quickstart config's
+validation accuracy via benchmarks/method_comparison.py.
+
+Timings interleave all setups round by round in one process and only ratios of medians are reported, so load
+from other processes hits every setup alike; absolute milliseconds are in the JSON for reference only.
+
+Usage:
+    python -m benchmarks                                   # Llama-shaped, hidden 512, 4 layers, all methods
+    python -m benchmarks --methods lora lora_qv ia3 --rounds 20
+    python -m benchmarks --model minilm --seq 64 --batch 16 --no-peft   # the embedded quickstart encoder
+    python -m benchmarks --quality --epochs 3              # + validation accuracy per quickstart config
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import flops, measure, report
+from benchmarks.measure import BASE, FULL, Setup
+from benchmarks.models import method_catalogue, model_shape, virtual_tokens
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", choices=["llama", "minilm"], default="llama")
+    parser.add_argument("--hidden", type=int, default=512, help="Llama hidden size")
+    parser.add_argument("--layers", type=int, default=4, help="Llama layers")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--methods", nargs="*", default=None, help="default: all (see benchmarks/models.py)")
+    parser.add_argument("--rounds", type=int, default=8, help="timed rounds (each: one call of every setup)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<model>")
+    parser.add_argument("--no-peak", action="store_true", help="skip the per-method subprocess peak memory")
+    parser.add_argument("--no-peft", action="store_true", help="skip the head-to-head with Hugging Face peft")
+    parser.add_argument("--no-chart", action="store_true")
+    parser.add_argument(
+        "--quality", action="store_true", help="run benchmarks/method_comparison.py (minutes)"
+    )
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per config with --quality")
+    parser.add_argument("--peak-child", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def prepare(args: argparse.Namespace, names: list[str]) -> tuple[dict[str, Setup], dict[str, str]]:
+    setups, skipped = {FULL: Setup(args, FULL)}, {}
+    for name in names:
+        try:
+            setups[name] = Setup(args, name)
+        except (ValueError, TypeError) as error:  # e.g. BitFit on a bias-free Llama: recorded, not fatal
+            skipped[name] = str(error).split(".")[0]
+    return setups, skipped
+
+
+def static_measurements(args: argparse.Namespace, setups: dict[str, Setup]) -> dict[str, dict[str, Any]]:
+    shape = model_shape(setups[FULL].model)
+    common = {"batch": args.batch, "seq": args.seq, "attn_dim": shape.attn_dim, "layers": shape.layers}
+    results = {}
+    for name, setup in setups.items():
+        row: dict[str, Any] = measure.trainable(setup.model)
+        extra_query, extra_key = virtual_tokens(setup.method) if setup.method else (0, 0)
+        adapter = 0 if name == FULL else measure.per_token_adapter_params(setup.model)
+        row["flops_ideal"] = flops.train_step_flops(
+            linear_params=shape.linear_params, adapter_params=adapter, full=name == FULL,
+            extra_query=extra_query, extra_key=extra_key, **common,
+        )  # fmt: skip
+        row["flops_counted"] = measure.counted_flops(setup)
+        if setup.method is not None:
+            row.update(measure.adapter_file(setup.model))
+            row["mergeable"] = setup.method.mergeable
+        row["activation_bytes"] = measure.saved_activation_bytes(setup)
+        row.update(measure.grad_and_optimizer_bytes(setup))
+        results[name] = row
+    return results
+
+
+def timings(args: argparse.Namespace, setups: dict[str, Setup], results: dict[str, dict[str, Any]]) -> None:
+    log(f"timing training steps: {len(setups)} setups x {args.rounds} rounds")
+    train = measure.interleaved({n: s.train_step for n, s in setups.items()}, args.rounds)
+    for name, seconds in train.items():
+        results[name]["step_s"] = seconds
+    # Inference: the untouched base model, every method unmerged, and every mergeable one merged (rebuilt, merged).
+    calls = {BASE: Setup(args, BASE).infer}
+    for name, setup in setups.items():
+        if name != FULL:
+            calls[name] = setup.infer
+            if setup.method.mergeable:
+                calls[name + "+merged"] = Setup(args, name, merged=True).infer
+    for setup in setups.values():
+        setup.model.eval()
+    log(f"timing forwards: {len(calls)} setups x {args.rounds * 2} rounds")
+    infer = measure.interleaved(calls, args.rounds * 2)
+    for name in setups:
+        results[name]["infer_s"] = infer.get(name)
+        results[name]["infer_unmerged_ratio"] = infer[name] / infer[BASE] if name in infer else None
+        merged = infer.get(name + "+merged")
+        results[name]["infer_merged_ratio"] = merged / infer[BASE] if merged else None
+    results[FULL]["infer_base_s"] = infer[BASE]
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "load_average_1m": os.getloadavg()[0],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.peak_child:  # before any torch op in this process: the children are forked from it
+        print(json.dumps(measure.peak_children(args, args.peak_child.split(","))))
+        return
+    torch.set_num_threads(args.threads)
+    names = args.methods or list(method_catalogue(args.model))
+    unknown = sorted(set(names) - set(method_catalogue(args.model)))
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {list(method_catalogue(args.model))}")
+    out = args.out or Path(__file__).resolve().parent / "results" / args.model
+    out.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    started = info["started"] = time.perf_counter()
+
+    setups, skipped = prepare(args, names)
+    log(f"measuring {list(setups)} (skipped: {skipped or 'none'})")
+    raw = static_measurements(args, setups)
+    log(f"static measurements done ({time.perf_counter() - started:.0f} s)")
+    timings(args, setups, raw)
+    if not args.no_peak:
+        log(f"peak memory: one forked process per setup ({time.perf_counter() - started:.0f} s so far)")
+        for name, peak in measure.process_peaks(args, list(setups)).items():
+            raw[name].update(peak)
+    results = {name: report.derive(row, raw[FULL]) for name, row in raw.items()}
+
+    model_label = "MiniLM (embedded all-MiniLM-L6-v2)" if args.model == "minilm" else (
+        f"Llama-shaped, hidden {args.hidden}, {args.layers} layers (random init)")  # fmt: skip
+    title = f"{model_label}, batch {args.batch}x{args.seq}, {args.threads} threads, {args.rounds} rounds"
+    sections = [f"### {title}", "", report.methods_table(results)]
+    if skipped:
+        sections += ["", "Skipped: " + "; ".join(f"{n}: {why}" for n, why in skipped.items())]
+    data: dict[str, Any] = {
+        "config": vars(args) | {"out": str(out)},
+        "machine": info,
+        "methods": results,
+        "skipped": skipped,
+    }
+    write_outputs(
+        out, sections, data, info
+    )  # now, and again with each later section: a failure loses nothing
+    if not args.no_peft and args.model == "llama":
+        from benchmarks import head_to_head
+
+        log("head-to-head with Hugging Face peft")
+        data["peft"] = head_to_head.run(args)
+        sections += [
+            "",
+            "#### vs Hugging Face peft (ours / peft, identical config and weights)",
+            "",
+            report.peft_table(data["peft"]),
+        ]
+    if args.quality:
+        from benchmarks.method_comparison import quickstart_task_configs, run
+
+        log("quality: every quickstart config through the CLI")
+        data["quality"] = [run(config, args.epochs) for config in quickstart_task_configs()]
+        sections += [
+            "",
+            f"#### Quickstart task (MiniLM), validation after {args.epochs} epochs",
+            "",
+            report.quality_table(data["quality"]),
+        ]
+    write_outputs(out, sections, data, info)
+    if not args.no_chart:
+        report.write_chart(out / "results.png", results, title)
+    print((out / "results.md").read_text())
+    log(f"wrote {out}/results.md, results.json{'' if args.no_chart else ', results.png'}")
+
+
+def write_outputs(out: Path, sections: list[str], data: dict[str, Any], info: dict[str, Any]) -> None:
+    """Write results.md and results.json from what is measured so far, with the machine and its load."""
+    info["load_average_1m_end"] = os.getloadavg()[0]
+    info["wall_s"] = time.perf_counter() - info["started"]
+    footer = (
+        f"Machine: {info['processor']}, {info['cpus']} CPUs, torch {info['torch']}; load average "
+        f"{info['load_average_1m']:.1f} -> {info['load_average_1m_end']:.1f} (shared machine: only ratios of "
+        f"interleaved medians are meaningful); {info['wall_s']:.0f} s."
+    )
+    (out / "results.md").write_text("\n".join([*sections, "", footer]) + "\n")
+    report.write_json(out / "results.json", data)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Turning results into a Markdown table, JSON and a PNG chart. Pure functions but :func:`write_chart`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+METHOD_COLUMNS: list[tuple[str, str]] = [
+    # (header, results key); ratios are to full fine-tuning (training) or to the base model (inference)
+    ("trainable", "trainable"),
+    ("trainable %", "trainable_percent"),
+    ("file KiB", "file_kib"),
+    ("file / param bytes", "file_over_params"),
+    ("step / full", "step_ratio"),
+    ("FLOP ideal", "flop_ideal_ratio"),
+    ("FLOPs counted", "flop_counted_ratio"),
+    ("step / ideal", "step_over_ideal"),
+    ("activations / full", "activation_ratio"),
+    ("grads+AdamW / full", "grad_optimizer_ratio"),
+    ("peak / full", "peak_ratio"),
+    ("infer unmerged / base", "infer_unmerged_ratio"),
+    ("infer merged / base", "infer_merged_ratio"),
+]
+
+
+def fmt(value: Any) -> str:
+    """Integers with thousands separators, floats to 3 significant digits (>= 100: no decimals), None as a dash."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def derive(row: dict[str, Any], full: dict[str, Any]) -> dict[str, Any]:
+    """The ratio columns of one method from its raw measurements and full fine-tuning's."""
+
+    def ratio(key: str, ref: dict[str, Any] = full) -> float | None:
+        return row[key] / ref[key] if row.get(key) is not None and ref.get(key) else None
+
+    out = dict(row)
+    out["file_kib"] = row["file_bytes"] / 1024 if row.get("file_bytes") is not None else None
+    out["file_over_params"] = row["file_bytes"] / row["param_bytes"] if row.get("param_bytes") else None
+    out["step_ratio"] = ratio("step_s")
+    out["flop_ideal_ratio"] = ratio("flops_ideal")
+    out["flop_counted_ratio"] = ratio("flops_counted")
+    out["step_over_ideal"] = (
+        out["step_ratio"] / out["flop_ideal_ratio"] if out["step_ratio"] and out["flop_ideal_ratio"] else None
+    )
+    out["activation_ratio"] = ratio("activation_bytes")
+    if row.get("grad_bytes") is not None and full.get("grad_bytes"):
+        own, ref = row["grad_bytes"] + row["optimizer_bytes"], full["grad_bytes"] + full["optimizer_bytes"]
+        out["grad_optimizer_ratio"] = own / ref
+    out["peak_ratio"] = ratio("peak_above_baseline_mib")
+    return out
+
+
+def methods_table(results: dict[str, dict[str, Any]]) -> str:
+    rows = [[name, *(r.get(key) for _, key in METHOD_COLUMNS)] for name, r in results.items()]
+    return markdown_table(["method", *(h for h, _ in METHOD_COLUMNS)], rows)
+
+
+def peft_table(results: dict[str, dict[str, Any]]) -> str:
+    rows = [
+        [n, r["trainable"], f"{r['max_logit_diff']:.1e}", r["train_ratio"], r["infer_ratio"]]
+        for n, r in results.items()
+    ]
+    return markdown_table(
+        ["method", "trainable", "max logit diff", "train step ours/peft", "forward ours/peft"], rows
+    )
+
+
+def quality_table(rows: list[dict[str, str]]) -> str:
+    body = [
+        [r["config"], *(["failed: " + r["error"][:60], "", "", ""] if "error" in r else
+                        [r["percent"], r["val_acc"], r["val_f1"], r["seconds"]])]
+        for r in rows
+    ]  # fmt: skip
+    return markdown_table(["config", "trainable %", "val acc", "val F1", "wall s"], body)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_chart(path: Path, results: dict[str, dict[str, Any]], title: str) -> None:
+    """Four panels, one bar per method: trainable %, step time vs its FLOP ideal, memory, inference cost."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError(
+            "The benchmark chart needs matplotlib: pip install -e '.[dev]' (or pip install matplotlib), "
+            "or pass --no-chart."
+        ) from error
+    names = list(results)
+    y = range(len(names))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 0.42 * len(names) + 2), sharey=True)
+
+    def bars(ax, keys_labels, title_, ref=None, log=False):
+        height = 0.8 / len(keys_labels)
+        for i, (key, label) in enumerate(keys_labels):
+            values = [results[n].get(key) or 0 for n in names]
+            ax.barh([v + (i - (len(keys_labels) - 1) / 2) * height for v in y], values, height, label=label)
+        if ref is not None:
+            ax.axvline(ref, color="black", lw=0.8, ls="--")
+        if log:
+            ax.set_xscale("log")
+        ax.set_title(title_, fontsize=10)
+        if len(keys_labels) > 1:
+            ax.legend(fontsize=7, loc="lower right")
+
+    bars(axes[0], [("trainable_percent", "trainable %")], "trainable parameters, % (log)", log=True)
+    bars(
+        axes[1],
+        [("step_ratio", "measured"), ("flop_ideal_ratio", "FLOP ideal")],
+        "train step / full FT",
+        ref=1,
+    )
+    bars(
+        axes[2],
+        [("activation_ratio", "saved activations"), ("grad_optimizer_ratio", "grads + AdamW"), ("peak_ratio", "process peak")],
+        "training memory / full FT", ref=1,
+    )  # fmt: skip
+    bars(
+        axes[3],
+        [("infer_unmerged_ratio", "unmerged"), ("infer_merged_ratio", "merged")],
+        "forward / base model",
+        ref=1,
+    )
+    axes[0].set_yticks(list(y), names)
+    axes[0].invert_yaxis()
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,92 @@
+"""The benchmark's pure parts: the FLOP model's arithmetic and the table/JSON writers (no timing here)."""
+
+import json
+
+import pytest
+
+from benchmarks import flops, report
+
+
+def test_attention_flops_counts_scores_and_weighted_sum() -> None:
+    # QKᵀ and PV: 2·Tq·Tk·d each -> 4 · batch 2 · Tq 3 · Tk 5 · d 4 · layers 1
+    assert flops.attention_flops(batch=2, query_len=3, key_len=5, attn_dim=4, layers=1) == 480
+
+
+def test_train_step_flops_full_vs_frozen_base() -> None:
+    shape = {"linear_params": 100, "batch": 2, "seq": 3, "attn_dim": 4, "layers": 1}
+    # 6 tokens x 6N = 3600, attention 4·2·3·3·4 = 288 forward, x3 with backward = 864
+    assert flops.train_step_flops(adapter_params=0, full=True, **shape) == 3600 + 864
+    # frozen base: 6 tokens x (4N + 6A) = 6 x 460 = 2760
+    assert flops.train_step_flops(adapter_params=10, full=False, **shape) == 2760 + 864
+    assert flops.ideal_ratio(3624, 4464) == pytest.approx(0.8118, abs=1e-4)
+
+
+def test_virtual_tokens_lengthen_queries_or_only_keys() -> None:
+    shape = {"linear_params": 100, "adapter_params": 0, "batch": 1, "seq": 2, "attn_dim": 1, "layers": 1}
+    # prompt: 4 tokens through the model (4 x 400) and 4 x 4 attention (16 x 4 x 3 = 192)
+    assert flops.train_step_flops(full=False, extra_query=2, **shape) == 1600 + 192
+    # prefix: 2 tokens (2 x 400), 2 queries x 4 keys (8 x 4 x 3 = 96)
+    assert flops.train_step_flops(full=False, extra_key=2, **shape) == 800 + 96
+
+
+def test_inference_flops_add_the_unmerged_adapter() -> None:
+    # 2 tokens x 2 x (100 + 10) + attention 4·1·2·2·1·1 = 440 + 16
+    assert (
+        flops.inference_flops(linear_params=100, adapter_params=10, batch=1, seq=2, attn_dim=1, layers=1)
+        == 456
+    )
+
+
+def test_fmt_and_markdown_table() -> None:
+    assert [report.fmt(v) for v in (1234567, 0.123456, 1234.5, None, True)] == [
+        "1,234,567",
+        "0.123",
+        "1,234",
+        "-",
+        "True",
+    ]
+    assert (
+        report.markdown_table(["a", "b"], [["x", 0.5], ["y", 12]])
+        == "| a | b |\n|---|---|\n| x | 0.5 |\n| y | 12 |"
+    )
+
+
+def test_derive_ratios_to_full_fine_tuning() -> None:
+    full = {"step_s": 2.0, "flops_ideal": 600, "flops_counted": 600, "activation_bytes": 1000, "grad_bytes": 400,
+            "optimizer_bytes": 800, "peak_above_baseline_mib": 100.0}  # fmt: skip
+    lora = {"step_s": 1.5, "flops_ideal": 420, "flops_counted": 450, "activation_bytes": 900, "grad_bytes": 4,
+            "optimizer_bytes": 8, "peak_above_baseline_mib": 60.0, "file_bytes": 2048 + 100, "param_bytes": 2048}  # fmt: skip
+    out = report.derive(lora, full)
+    assert out["step_ratio"] == 0.75
+    assert out["flop_ideal_ratio"] == 0.7
+    assert out["step_over_ideal"] == pytest.approx(0.75 / 0.7)
+    assert out["flop_counted_ratio"] == 0.75
+    assert out["activation_ratio"] == 0.9
+    assert out["grad_optimizer_ratio"] == 0.01
+    assert out["peak_ratio"] == 0.6
+    assert out["file_kib"] == pytest.approx(2148 / 1024)
+    assert out["file_over_params"] == pytest.approx(2148 / 2048)
+
+
+def test_methods_table_and_json_roundtrip(tmp_path) -> None:
+    results = {"lora": {"trainable": 1000, "trainable_percent": 0.5, "step_ratio": 0.72}}
+    table = report.methods_table(results)
+    header, rule, row = table.splitlines()
+    assert (
+        header.startswith("| method | trainable | trainable % |")
+        and rule.count("---|") == len(report.METHOD_COLUMNS) + 1
+    )
+    assert (
+        row.startswith("| lora | 1,000 | 0.5 |")
+        and "| 0.72 |" in row
+        and row.count("-") == len(report.METHOD_COLUMNS) - 3
+    )
+    report.write_json(tmp_path / "r.json", {"methods": results})
+    assert json.loads((tmp_path / "r.json").read_text()) == {"methods": results}
+
+
+def test_peft_table_reports_ours_over_peft() -> None:
+    table = report.peft_table(
+        {"ia3": {"trainable": 10, "max_logit_diff": 1e-6, "train_ratio": 0.9, "infer_ratio": 1.0}}
+    )
+    assert table.splitlines()[-1] == "| ia3 | 10 | 1.0e-06 | 0.9 | 1 |"
