@@ -13,7 +13,11 @@ SCRIPT = Path(__file__).parent / "distributed" / "ddp_fit.py"
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", "adalora", "ia3", "adapter", "prompt_tuning", "prefix_tuning", "qlora"])
+@pytest.mark.parametrize(
+    "method",
+    ["lora", "adalora", "ia3", "adapter", "prompt_tuning", "prefix_tuning", "qlora", "p_tuning", "p_tuning_v2",
+     "mam_adapter", "unipelt"],
+)  # fmt: skip
 def test_ddp_two_processes_identical_adapters_one_adapter_only_checkpoint(tmp_path, method):
     env = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[2]), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(SCRIPT), str(tmp_path), method]

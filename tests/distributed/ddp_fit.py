@@ -14,7 +14,19 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning_peft import PEFTCallback, adapter_state_dict
-from lightning_peft.methods import IA3, AdaLoRA, Adapter, LoRA, PrefixTuning, PromptTuning, QLoRA
+from lightning_peft.methods import (
+    IA3,
+    AdaLoRA,
+    Adapter,
+    LoRA,
+    MAMAdapter,
+    PrefixTuning,
+    PromptTuning,
+    PTuning,
+    PTuningV2,
+    QLoRA,
+    UniPELT,
+)
 from tests.test_callback import CausalLM, token_loader
 
 METHODS = {
@@ -28,6 +40,11 @@ METHODS = {
     "prefix_tuning": lambda: PrefixTuning(num_virtual_tokens=4),
     # One NF4-quantized base per rank, LoRA on top.
     "qlora": lambda: QLoRA(r=4, target_modules=["q_proj", "v_proj"]),
+    "p_tuning": lambda: PTuning(num_virtual_tokens=4, encoder_hidden_size=16),
+    "p_tuning_v2": lambda: PTuningV2(num_virtual_tokens=4),
+    # Composites: gates and several parts under one adapter name.
+    "mam_adapter": lambda: MAMAdapter(prefix_length=4),
+    "unipelt": lambda: UniPELT(prefix_length=4),
 }
 
 
