@@ -293,23 +293,6 @@ class LoraLinear(LoraLayer):
         weight = self._oriented(self.base_weight() + self.delta_weight(adapter_name))
         return weight.norm(p=2, dim=1).detach().to(_compute_dtype(self.base_layer.weight))
 
-    def add_update(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        if adapter_name in self.lora_gate or adapter_name in self.lora_magnitude_vector:
-            return super().add_update(adapter_name, x, result)
-        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
-        after_A = F.linear(self.dropped_input(adapter_name, x, A.dtype), A)  # (..., in) @ (in, r) -> (..., r)
-        if result.dtype != after_A.dtype:  # a half-precision or quantized base with fp32 adapters
-            return result + (F.linear(after_A, B) * self.scaling[adapter_name]).to(result.dtype)
-        # result + s * (N, r) @ (r, out) -> (N, out) as one GEMM: addmm applies the scale (alpha) and the sum
-        # itself, so no (..., out)-sized temporary is made forward, and none is multiplied by s backward.
-        fused = torch.addmm(
-            result.reshape(-1, result.shape[-1]),
-            after_A.reshape(-1, after_A.shape[-1]),
-            B.T,
-            alpha=self.scaling[adapter_name],
-        )
-        return fused.view(result.shape)
-
     def adapter_output(self, adapter_name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
         if adapter_name not in self.lora_magnitude_vector:
             return super().adapter_output(adapter_name, x, base_result)
