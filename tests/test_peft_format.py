@@ -19,13 +19,6 @@ from lightning_peft.methods.base import AdapterLayer
 from lightning_peft.peft_format import CONFIG_NAME, WEIGHTS_NAME, to_peft_key
 from tests.tiny_models import MLPConv, tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch
 
-# Noise from inside the reference library (peft reads a deprecated transformers flag, and announces its merges).
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
-    pytest.mark.filterwarnings("ignore:All adapters are already merged:UserWarning"),
-    pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False:UserWarning"),
-]
-
 
 def _tokens_forward(model: nn.Module) -> torch.Tensor:
     return model(input_ids=token_batch()).logits

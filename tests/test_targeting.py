@@ -14,13 +14,6 @@ from lightning_peft.methods.lora import LoraLayer
 from lightning_peft.targeting import find_targets, name_matches, output_head_names, pattern_value
 from tests.tiny_models import MLPConv, tiny_bert_classifier, tiny_gpt2, tiny_llama
 
-# Noise from inside the reference library (peft reads a deprecated transformers flag, and announces its merges).
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
-    pytest.mark.filterwarnings("ignore:All adapters are already merged:UserWarning"),
-    pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False:UserWarning"),
-]
-
 LLAMA_LINEAR = (nn.Linear,)
 
 

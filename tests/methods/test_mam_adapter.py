@@ -19,7 +19,6 @@ from tests.methods import prompt_helpers
 from tests.methods.composite_checks import FAMILIES, assert_trains_and_checkpoints_every_part
 from tests.tiny_models import tiny_llama
 
-pytestmark = pytest.mark.filterwarnings("ignore:Found .* module\\(s\\) in eval mode:UserWarning")
 family_param = pytest.mark.parametrize("family", list(FAMILIES))
 
 

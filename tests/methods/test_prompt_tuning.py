@@ -27,13 +27,6 @@ from tests.methods.prompt_helpers import (
 )
 from tests.tiny_models import VOCAB, tiny_bert_classifier, tiny_llama
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),  # raised inside peft
-    pytest.mark.filterwarnings(
-        "ignore:Found .* module\\(s\\) in eval mode:UserWarning"
-    ),  # tiny models stay in eval
-]
-
 
 def method(**kwargs) -> PromptTuning:
     return PromptTuning(num_virtual_tokens=N, **kwargs)

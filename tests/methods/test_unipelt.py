@@ -23,7 +23,6 @@ from tests.methods import prompt_helpers
 from tests.methods.composite_checks import FAMILIES, assert_trains_and_checkpoints_every_part, gate_outputs
 from tests.tiny_models import tiny_llama, token_batch
 
-pytestmark = pytest.mark.filterwarnings("ignore:Found .* module\\(s\\) in eval mode:UserWarning")
 family_param = pytest.mark.parametrize("family", list(FAMILIES))
 N = 4  # prefix length in most tests
 GATE_KEYS = (".lora_gate.", ".prefix_gates.", ".gate.")  # (Llama's mlp.gate_proj is no gate)
