@@ -155,14 +155,10 @@ def test_validate_and_test_do_not_inject_twice(tmp_path):
 def test_checkpoint_holds_only_adapters_and_their_optimizer_state(tmp_path):
     # Large enough that the adapter/base ratio is realistic: r=8 on q,v of a 256-wide model.
     def wide_llama():
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
-            num_attention_heads=8, num_key_value_heads=4,
-        )  # fmt: skip
-        return LlamaForCausalLM(config)
+        return tiny_llama(
+            vocab_size=1000, hidden_size=256, intermediate_size=688, num_attention_heads=8,
+            num_key_value_heads=4, max_position_embeddings=2048,
+        ).train()  # fmt: skip
 
     def fit(adapter_only: bool, directory: Path) -> dict:
         module = CausalLM()

@@ -1,44 +1,95 @@
-"""Tiny models built from configs (no downloads), shared by the test modules."""
+"""Tiny models built from configs (no downloads), shared by the test modules: the single source of them."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    RobertaConfig,
+    RobertaForSequenceClassification,
 )
 
 VOCAB = 128
 
+# The Llama-family decoders: 2 layers, 4 query heads sharing 2 key/value heads (grouped-query attention).
+DECODER = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+)  # fmt: skip
+# The BERT-style encoders, before their positions and labels.
+ENCODER = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
+)
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    """2 layers, 4 query heads sharing 2 key/value heads (grouped-query attention)."""
+
+def seeded(
+    model_class: type[PreTrainedModel], config_class: type[PretrainedConfig], seed: int, **config: Any
+):
+    """``model_class(config_class(**config))`` in eval mode, initialised after ``torch.manual_seed(seed)``."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
-    return LlamaForCausalLM(config).eval()
+    return model_class(config_class(**config)).eval()
+
+
+def tiny_llama(seed: int = 0, **overrides: Any) -> LlamaForCausalLM:
+    """DECODER as a Llama; ``overrides`` replace config fields (a wider model, another vocabulary)."""
+    return seeded(LlamaForCausalLM, LlamaConfig, seed, **{**DECODER, **overrides})
+
+
+def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
+    """The Llama family member with biases (on q, k, v)."""
+    return seeded(Qwen2ForCausalLM, Qwen2Config, seed, **DECODER)
+
+
+def tiny_mistral(seed: int = 0) -> MistralForCausalLM:
+    return seeded(MistralForCausalLM, MistralConfig, seed, **DECODER)
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64)
-    return GPT2LMHeadModel(config).eval()
+    return seeded(
+        GPT2LMHeadModel, GPT2Config, seed, vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64
+    )
 
 
-def tiny_bert_classifier(seed: int = 0, num_labels: int = 3) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=64, num_labels=num_labels,
+def tiny_bert_classifier(
+    seed: int = 0, num_labels: int = 3, initializer_range: float = 0.02
+) -> BertForSequenceClassification:
+    return seeded(
+        BertForSequenceClassification, BertConfig, seed, **ENCODER, max_position_embeddings=64,
+        num_labels=num_labels, initializer_range=initializer_range,
     )  # fmt: skip
-    return BertForSequenceClassification(config).eval()
+
+
+def tiny_roberta_classifier(
+    seed: int = 0, num_labels: int = 3, initializer_range: float = 0.02
+) -> RobertaForSequenceClassification:
+    """Positions start after padding_idx=1, as in RoBERTa."""
+    return seeded(
+        RobertaForSequenceClassification, RobertaConfig, seed, **ENCODER, max_position_embeddings=80,
+        num_labels=num_labels, pad_token_id=1, initializer_range=initializer_range,
+    )  # fmt: skip
+
+
+def tiny_distilbert_classifier(seed: int = 0) -> DistilBertForSequenceClassification:
+    return seeded(
+        DistilBertForSequenceClassification, DistilBertConfig, seed, vocab_size=VOCAB, dim=64, hidden_dim=128,
+        n_layers=2, n_heads=4, max_position_embeddings=64, num_labels=3,
+    )  # fmt: skip
 
 
 class MLPConv(nn.Module):

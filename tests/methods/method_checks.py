@@ -17,7 +17,6 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from lightning_peft import (
     PEFTCallback,
@@ -39,16 +38,6 @@ from lightning_peft.peft_format import to_peft_key
 from tests.tiny_models import VOCAB, tiny_bert_classifier, tiny_llama, token_batch
 
 Build = Callable[[], nn.Module]
-
-
-def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
-    """The Llama family member with biases (on q, k, v): 2 layers, grouped-query attention like tiny_llama."""
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
-    return Qwen2ForCausalLM(config).eval()
 
 
 def logits(model: nn.Module) -> torch.Tensor:

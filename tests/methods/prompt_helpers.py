@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -11,34 +12,20 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    DistilBertConfig,
-    DistilBertForSequenceClassification,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    RobertaConfig,
-    RobertaForSequenceClassification,
-)
 
 from lightning_peft import PEFTCallback, adapter_state_dict, inject, load_adapter, save_adapter
 from lightning_peft.core import adapter_state_keys
 from lightning_peft.methods import PEFTMethod
 from lightning_peft.methods.virtual_tokens import virtual_tokens_layer
 from lightning_peft.peft_format import WEIGHTS_NAME
-from tests.tiny_models import VOCAB, tiny_gpt2, tiny_llama
-
-
-def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
-    """2 layers, 4 query heads sharing 2 key/value heads, biases on q/k/v."""
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
-    return Qwen2ForCausalLM(config).eval()
-
+from tests.tiny_models import (
+    VOCAB,
+    tiny_bert_classifier,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_qwen2,
+    tiny_roberta_classifier,
+)
 
 # Encoders use initializer_range=0.2 (transformers' default is 0.02): with tiny random weights at 0.02, attention is
 # nearly uniform, so the first position - the first virtual token under prompt methods, which BERT's pooler reads -
@@ -46,42 +33,11 @@ def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
 ENCODER_INIT = 0.2
 
 
-def tiny_bert(seed: int = 0, num_labels: int = 3) -> BertForSequenceClassification:
-    """tests.tiny_models.tiny_bert_classifier with content-dependent attention (see ENCODER_INIT)."""
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=64, num_labels=num_labels, initializer_range=ENCODER_INIT,
-    )  # fmt: skip
-    return BertForSequenceClassification(config).eval()
-
-
-def tiny_roberta_classifier(seed: int = 0, num_labels: int = 3) -> RobertaForSequenceClassification:
-    """Positions start after padding_idx=1, as in RoBERTa."""
-    torch.manual_seed(seed)
-    config = RobertaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=80, num_labels=num_labels, pad_token_id=1, initializer_range=ENCODER_INIT,
-    )  # fmt: skip
-    return RobertaForSequenceClassification(config).eval()
-
-
-def tiny_distilbert_classifier(seed: int = 0) -> DistilBertForSequenceClassification:
-    torch.manual_seed(seed)
-    config = DistilBertConfig(
-        vocab_size=VOCAB,
-        dim=64,
-        hidden_dim=128,
-        n_layers=2,
-        n_heads=4,
-        max_position_embeddings=64,
-        num_labels=3,
-    )
-    return DistilBertForSequenceClassification(config).eval()
-
-
 DECODERS: dict[str, Callable[[], nn.Module]] = {"llama": tiny_llama, "qwen2": tiny_qwen2, "gpt2": tiny_gpt2}
-ENCODERS: dict[str, Callable[[], nn.Module]] = {"bert": tiny_bert, "roberta": tiny_roberta_classifier}
+ENCODERS: dict[str, Callable[[], nn.Module]] = {
+    "bert": partial(tiny_bert_classifier, initializer_range=ENCODER_INIT),
+    "roberta": partial(tiny_roberta_classifier, initializer_range=ENCODER_INIT),
+}
 FAMILIES = {**DECODERS, **ENCODERS}
 N = 4  # virtual tokens in most tests
 

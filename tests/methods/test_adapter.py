@@ -12,13 +12,20 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
-from transformers import MistralConfig, MistralForCausalLM, RobertaConfig, RobertaForSequenceClassification
 
 from lightning_peft import inject
 from lightning_peft.methods import Adapter
 from lightning_peft.methods.adapter import Bottleneck, BottleneckLayer
 from tests.methods import method_checks as checks
-from tests.tiny_models import MLPConv, tiny_bert_classifier, tiny_gpt2, tiny_llama
+from tests.tiny_models import (
+    MLPConv,
+    tiny_bert_classifier,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_mistral,
+    tiny_qwen2,
+    tiny_roberta_classifier,
+)
 
 STYLES = ["houlsby", "pfeiffer", "parallel"]
 FAMILIES: dict[str, tuple[Callable[[], nn.Module], dict[str, Any]]] = {
@@ -39,24 +46,6 @@ def bottleneck(h: torch.Tensor, f: Bottleneck) -> torch.Tensor:
     return F.relu(h @ f.down.weight.T + f.down.bias) @ f.up.weight.T + f.up.bias
 
 
-def tiny_mistral() -> nn.Module:
-    torch.manual_seed(0)
-    config = MistralConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
-    return MistralForCausalLM(config).eval()
-
-
-def tiny_roberta() -> nn.Module:
-    torch.manual_seed(0)
-    config = RobertaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=80, num_labels=3,
-    )  # fmt: skip
-    return RobertaForSequenceClassification(config).eval()
-
-
 # --- where the bottlenecks go ---------------------------------------------------------------------------------
 def _wrapped(model: nn.Module) -> dict[str, str]:
     return {
@@ -72,7 +61,7 @@ def _wrapped(model: nn.Module) -> dict[str, str]:
         (tiny_llama, "houlsby", {"self_attn.o_proj": "sequential", "mlp.down_proj": "sequential"}),
         (tiny_llama, "pfeiffer", {"mlp.down_proj": "sequential"}),
         (tiny_llama, "parallel", {"mlp": "parallel"}),
-        (checks.tiny_qwen2, "houlsby", {"self_attn.o_proj": "sequential", "mlp.down_proj": "sequential"}),
+        (tiny_qwen2, "houlsby", {"self_attn.o_proj": "sequential", "mlp.down_proj": "sequential"}),
         (tiny_mistral, "parallel", {"mlp": "parallel"}),
         (tiny_gpt2, "houlsby", {"attn.c_proj": "sequential", "mlp.c_proj": "sequential"}),
         (tiny_gpt2, "parallel", {"mlp": "parallel"}),
@@ -83,7 +72,11 @@ def _wrapped(model: nn.Module) -> dict[str, str]:
         ),
         (tiny_bert_classifier, "pfeiffer", {"output.dense": "sequential"}),
         (tiny_bert_classifier, "parallel", {"output": "parallel_residual"}),
-        (tiny_roberta, "houlsby", {"attention.output.dense": "sequential", "output.dense": "sequential"}),
+        (
+            tiny_roberta_classifier,
+            "houlsby",
+            {"attention.output.dense": "sequential", "output.dense": "sequential"},
+        ),
     ],
     ids=lambda v: v if isinstance(v, str) else getattr(v, "__name__", None),
 )

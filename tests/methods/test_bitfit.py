@@ -18,10 +18,10 @@ from lightning_peft import adapter_state_dict, count_parameters, inject, merge, 
 from lightning_peft.methods import BitFit
 from lightning_peft.methods.bitfit import BitFitLayer
 from tests.methods import method_checks as checks
-from tests.tiny_models import MLPConv, tiny_bert_classifier, tiny_gpt2, tiny_llama
+from tests.tiny_models import MLPConv, tiny_bert_classifier, tiny_gpt2, tiny_llama, tiny_qwen2
 
 CASES: dict[str, tuple[Callable[[], nn.Module], dict[str, Any]]] = {
-    "qwen2": (checks.tiny_qwen2, {}),
+    "qwen2": (tiny_qwen2, {}),
     "bert": (tiny_bert_classifier, {"modules_to_save": ["classifier"]}),
 }
 case_param = pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
@@ -46,7 +46,7 @@ def test_a_model_without_biases_is_refused_clearly() -> None:
         inject(model, BitFit())
     assert checks.adapter_layers(model) == []  # nothing half-injected
     with pytest.raises(ValueError, match=r"selects 4 modules .* none of them has a bias"):
-        inject(checks.tiny_qwen2(), BitFit(target_modules=["o_proj", "down_proj"]))
+        inject(tiny_qwen2(), BitFit(target_modules=["o_proj", "down_proj"]))
 
 
 def test_default_trains_every_bias_and_nothing_else() -> None:
@@ -56,7 +56,7 @@ def test_default_trains_every_bias_and_nothing_else() -> None:
     assert wrapped == set(expected)
     classifier = 64 * 3 + 3
     assert count_parameters(model)["trainable"] == sum(expected.values()) + classifier == 1475
-    qwen = inject(checks.tiny_qwen2(), BitFit())
+    qwen = inject(tiny_qwen2(), BitFit())
     # q: 64, k and v: 2 key/value heads x 16 = 32 each; 2 layers
     assert count_parameters(qwen)["trainable"] == 2 * (64 + 32 + 32)
 
@@ -143,7 +143,7 @@ def test_two_named_adapters_in_one_model(tmp_path: Path) -> None:
 
 
 def test_gradient_checkpointing_gives_grads_to_the_same_parameters() -> None:
-    checks.assert_checkpointing_gives_same_grads(checks.tiny_qwen2, BitFit)
+    checks.assert_checkpointing_gives_same_grads(tiny_qwen2, BitFit)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -25,10 +25,9 @@ from tests.methods.prompt_helpers import (
     fit_with_callback,
     next_token_task,
     sequences,
-    tiny_distilbert_classifier,
     word_tokenizer,
 )
-from tests.tiny_models import VOCAB, tiny_llama
+from tests.tiny_models import VOCAB, tiny_distilbert_classifier, tiny_llama
 
 METHODS = {"prefix": PrefixTuning, "v2": PTuningV2}
 
