@@ -81,6 +81,18 @@ def read_records(
     return records
 
 
+def string_values(path: str | Path, line: int, record: dict[str, Any], columns: Sequence[str]) -> list[str]:
+    """The values of ``columns`` in the record read from ``path`` at ``line``, each checked to be a string.
+
+    Raises:
+        DataFileError: a value is not a string (e.g. a number in a JSON file); the message names the line.
+    """
+    for column in columns:
+        if not isinstance(record[column], str):
+            raise DataFileError(f"{path}, line {line}: {column!r} is {record[column]!r}, not a string.")
+    return [record[column] for column in columns]
+
+
 def _read_json(path: Path, content: str) -> list[Record]:
     if content.lstrip().startswith("["):
         try:

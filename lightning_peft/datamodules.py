@@ -32,7 +32,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from lightning_peft.data_files import DataFileError, Record, read_records
+from lightning_peft.data_files import DataFileError, Record, read_records, string_values
 from lightning_peft.tasks import resolve_model_path
 from lightning_peft.tokenization import load_tokenizer
 
@@ -62,7 +62,8 @@ def embedded_sft_path() -> Path:
 class FileDataModule(LightningDataModule):
     """Shared mechanics: which file serves which split, the seeded validation split, tokenizer, loaders.
 
-    Subclasses turn a file's records into examples (:meth:`examples`) and batch them (:meth:`collate`).
+    Subclasses name their two columns (:meth:`columns`), turn a file's records into examples (:meth:`examples`)
+    and batch them (:meth:`collate`).
     """
 
     default_max_length = 512
@@ -99,20 +100,22 @@ class FileDataModule(LightningDataModule):
         self.datasets: dict[str, list[Any]] = {}
 
     # --- what subclasses provide ------------------------------------------------------------------------------
+    def columns(self) -> tuple[str, str]:
+        """``(input, target)`` column names, e.g. text and label."""
+        raise NotImplementedError
+
     def examples(self, records: list[Record], path: Path, split: str) -> list[Any]:
         raise NotImplementedError
 
     def collate(self, examples: list[Any]) -> dict[str, Any]:
         raise NotImplementedError
 
-    def required_columns(self, split: str) -> list[str]:
-        raise NotImplementedError
-
-    def line_column(self, split: str) -> str | None:
-        """The column that a ``.txt`` file's lines fill (``None``: ``.txt`` is refused for this split)."""
-        return None
-
     # --- shared ----------------------------------------------------------------------------------------------
+    def required_columns(self, split: str) -> list[str]:
+        """Both columns; ``predict`` needs only the input (and reads ``.txt`` files, a line per input)."""
+        input_column, target_column = self.columns()
+        return [input_column] if split == "predict" else [input_column, target_column]
+
     def module_attribute(self, name: str) -> Any:
         """An attribute of the LightningModule being trained (``None`` when there is none yet)."""
         return getattr(getattr(self.trainer, "lightning_module", None), name, None)
@@ -157,8 +160,8 @@ class FileDataModule(LightningDataModule):
         if path is None:
             raise ValueError(f"{type(self).__name__}: no file for the {split!r} split; set {split}_file.")
         role = "train_file" if split_off else {"validation": "val_file"}.get(split, f"{split}_file")
-        columns = self.required_columns(split)
-        records = read_records(path, columns, text_column=self.line_column(split), role=role)
+        line_column = self.columns()[0] if split == "predict" else None
+        records = read_records(path, self.required_columns(split), text_column=line_column, role=role)
         if not split_off:
             return path, records
         # One file, two splits: a seeded shuffle, so every process and every run agrees on the partition.
@@ -253,20 +256,15 @@ class TextClassificationDataModule(FileDataModule):
     def default_tokenizer(self) -> Any:
         return load_tokenizer(resolve_model_path(None))
 
-    def required_columns(self, split: str) -> list[str]:
-        return [self.text_column] if split == "predict" else [self.text_column, self.label_column]
-
-    def line_column(self, split: str) -> str | None:
-        return self.text_column if split == "predict" else None
+    def columns(self) -> tuple[str, str]:
+        return self.text_column, self.label_column
 
     def examples(self, records: list[Record], path: Path, split: str) -> list[tuple[str, int]]:
         names = self.label_names if self.label_names is not None else self.module_attribute("label_names")
         num_labels = len(names) if names else self.module_attribute("num_labels")
         rows = []
         for line, record in records:
-            text = record[self.text_column]
-            if not isinstance(text, str):
-                raise DataFileError(f"{path}, line {line}: {self.text_column!r} is {text!r}, not a string.")
+            (text,) = string_values(path, line, record, [self.text_column])
             if split == "predict":
                 rows.append((text, -1))
                 continue
@@ -425,26 +423,13 @@ class SFTDataModule(FileDataModule):
             )
         return tokenizer
 
-    def required_columns(self, split: str) -> list[str]:
-        return [self.prompt_column] if split == "predict" else [self.prompt_column, self.response_column]
-
-    def line_column(self, split: str) -> str | None:
-        return self.prompt_column if split == "predict" else None
+    def columns(self) -> tuple[str, str]:
+        return self.prompt_column, self.response_column
 
     def examples(self, records: list[Record], path: Path, split: str) -> list[dict[str, Any]]:
         examples, dropped = [], []
         for line, record in records:
-            fields = [record[c] for c in self.required_columns(split)]
-            bad = next(
-                (
-                    c
-                    for c, v in zip(self.required_columns(split), fields, strict=True)
-                    if not isinstance(v, str)
-                ),
-                None,
-            )
-            if bad is not None:
-                raise DataFileError(f"{path}, line {line}: {bad!r} is {record[bad]!r}, not a string.")
+            fields = string_values(path, line, record, self.required_columns(split))
             if split == "predict":
                 ids = encode_prompt(self.tokenizer, fields[0], self.use_chat_template)
                 # Keep the end of an over-long prompt: it holds the question and the generation prompt.

@@ -220,3 +220,40 @@ def test_embedded_sft_sample_is_well_formed():
     assert len(records) == 48
     assert len({r["prompt"] for _, r in records}) == 48
     assert torch.tensor([len(r["prompt"]) + len(r["response"]) for _, r in records]).max() < 128
+
+
+@pytest.mark.parametrize(
+    ("module", "content", "message"),
+    [
+        (TextClassificationDataModule, '{"text": "a", "label": 0}\n{"text": 7, "label": 1}\n', "'text' is 7"),
+        (
+            SFTDataModule,
+            '{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": 2}\n',
+            "'response' is 2",
+        ),
+        (
+            SFTDataModule,
+            '{"prompt": "a", "response": "b"}\n{"prompt": [1], "response": 2}\n',
+            r"'prompt' is \[1\]",
+        ),
+    ],
+)
+def test_non_string_inputs_name_the_file_line_and_column(tmp_path, module, content, message):
+    path = write(tmp_path / "d.jsonl", content)
+    data = module(train_file=str(path), val_file=str(path), tokenizer_name_or_path="byte-level")
+    with pytest.raises(DataFileError, match=rf"d\.jsonl, line 2: {message}, not a string\.$"):
+        data.setup("validate")
+
+
+def test_predict_needs_only_the_input_column_and_reads_txt(tmp_path):
+    todo = write(tmp_path / "todo.txt", "Say hi.\n\nCount to 3.\n")
+    data = SFTDataModule(predict_file=str(todo), tokenizer_name_or_path="byte-level")
+    assert (data.required_columns("fit"), data.required_columns("predict")) == (
+        ["prompt", "response"],
+        ["prompt"],
+    )
+    data.setup("predict")
+    assert [e["prompt"] for e in data.datasets["predict"]] == ["Say hi.", "Count to 3."]
+    data = SFTDataModule(train_file=str(todo), tokenizer_name_or_path="byte-level")
+    with pytest.raises(DataFileError, match=r"train_file .*todo\.txt: unknown format '\.txt'"):
+        data.setup("fit")

@@ -134,7 +134,11 @@ def hidden_size(module: nn.Module) -> int:
 
 
 class Bottleneck(nn.Module):
-    """``up(act(down(dropout(h))))``: ``d -> d / reduction_factor -> d``; ``up`` zero-initialised (identity)."""
+    """``up(act(down(dropout(h))))``: ``d -> d / reduction_factor -> d``; ``up`` zero-initialised (identity).
+
+    A subclass may scale the output per token by a ``gate`` on the input, ``g(h) * f(h)``, built by
+    :meth:`build_gate` (UniPELT's :class:`~lightning_peft.methods.gating.GatedBottleneck`).
+    """
 
     def __init__(
         self,
@@ -156,9 +160,17 @@ class Bottleneck(nn.Module):
         if init_weights:
             nn.init.zeros_(self.up.weight)
             nn.init.zeros_(self.up.bias)
+        self.gate = self.build_gate(dim, device, dtype)
+
+    def build_gate(
+        self, dim: int, device: torch.device | None, dtype: torch.dtype | None
+    ) -> nn.Module | None:
+        """A ``(..., d) -> (..., 1)`` module whose output scales the bottleneck's, or ``None`` (no gate)."""
+        return None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.up(self.act(self.down(self.dropout(h))))  # (..., d) -> (..., d/rf) -> (..., d)
+        out = self.up(self.act(self.down(self.dropout(h))))  # (..., d) -> (..., d/rf) -> (..., d)
+        return out if self.gate is None else self.gate(h) * out  # (..., 1) * (..., d)
 
 
 class BottleneckLayer(AdapterLayer):
@@ -260,6 +272,8 @@ class Adapter(PEFTMethod):
     """
 
     peft_type: ClassVar[str] = "BOTTLENECK_ADAPTER"
+    #: The bottleneck built at every insertion point (a composite method's variant may add a gate).
+    bottleneck_class: ClassVar[type[Bottleneck]] = Bottleneck
 
     style: Literal["houlsby", "pfeiffer", "parallel"] = "houlsby"
     reduction_factor: float = 16
@@ -300,9 +314,9 @@ class Adapter(PEFTMethod):
     def resolved_sublayers(self) -> list[Sublayer]:
         return list(self.sublayers) if self.sublayers is not None else _STYLE_SUBLAYERS[self.style]
 
-    def build_bottleneck(self, dim: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
-        """One bottleneck of width ``dim`` (composite methods override this, e.g. to add a gate)."""
-        return Bottleneck(
+    def build_bottleneck(self, dim: int, device: torch.device, dtype: torch.dtype) -> Bottleneck:
+        """One bottleneck of width ``dim``, a :attr:`bottleneck_class`."""
+        return self.bottleneck_class(
             dim, self.reduction_factor, self.non_linearity, self.dropout, self.init_weights, device, dtype
         )
 

@@ -164,8 +164,13 @@ class PEFTMethod:
     """Base class of every method; subclasses are dataclasses of their hyperparameters.
 
     Subclasses set ``peft_type`` (the name written to ``adapter_config.json``), implement
-    :meth:`inject_layers`, and override the optional hooks they need. Defining a subclass
-    registers it for :func:`lightning_peft.load_adapter`.
+    :meth:`inject_layers`, and override the optional hooks they need.
+
+    A class that assigns ``peft_type`` in its own body becomes the loader of that type for
+    :func:`lightning_peft.load_adapter` (:func:`method_for_peft_type`), replacing any earlier one
+    (PrefixTuning assigns the type again to replace its shared base). A class that inherits
+    ``peft_type`` never registers: a variant saving its parent's format (QLoRA writes ``"LORA"``,
+    the gated UniPELT parts) or a user's ``class MyLoRA(LoRA)`` does not take over loading it.
 
     Args:
         modules_to_save: Modules (same syntax as ``target_modules`` lists) trained in full, e.g. a
@@ -179,18 +184,12 @@ class PEFTMethod:
     modifies_inputs: ClassVar[bool] = False
     #: Whether some trainable parameter may get no gradient in a step (DDP then needs find_unused_parameters).
     may_have_unused_parameters: ClassVar[bool] = False
-    #: Whether defining the class makes it the loader of its ``peft_type``; a variant that saves another method's
-    #: format (QLoRA writes "LORA") opts out, so loading such a directory still builds the original method.
-    registers_peft_type: ClassVar[bool] = True
 
     modules_to_save: list[str] | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        # Only a class that names its own peft_type (or opts in explicitly) becomes its loader: a user's subclass
-        # of LoRA must not hijack "LORA".
-        registers = cls.__dict__.get("registers_peft_type", "peft_type" in cls.__dict__)
-        if cls.peft_type and registers:
+        if cls.__dict__.get("peft_type"):  # assigned here, not inherited (see the class docstring)
             _REGISTRY[cls.peft_type] = cls
 
     def __post_init__(self) -> None:

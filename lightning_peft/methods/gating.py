@@ -8,7 +8,7 @@ not a copy of it:
 * :class:`GatedLoRA`: ``W x + g(x) * s * B A x``, ``g`` per token from the layer's input ``x``
   (``LoraLayer.lora_gate``);
 * :class:`GatedAdapter`: ``h + s * g(h) * f(h)``, ``g`` per token from the bottleneck's input ``h``
-  (a :class:`GatedBottleneck` from ``Adapter.build_bottleneck``);
+  (a :class:`GatedBottleneck`, ``Adapter.bottleneck_class``);
 * :class:`GatedPrefixTuning`: layer ``i``'s prefix keys and values are multiplied by ``g_i``, computed from that
   attention layer's input ``x`` (``VirtualTokens.prefix_gates``). Keys are shared by every query, so ``g_i`` is
   one value per sequence: the mean of ``sigmoid(W_i x_t + b_i)`` over the sequence's real tokens (AdapterHub
@@ -53,21 +53,8 @@ class Gate(nn.Linear):
 class GatedBottleneck(Bottleneck):
     """A :class:`Bottleneck` whose output is scaled per token by a gate on its input: ``g(h) * f(h)``."""
 
-    def __init__(
-        self,
-        dim: int,
-        reduction_factor: float = 16,
-        non_linearity: str = "relu",
-        dropout: float = 0.0,
-        init_weights: bool = True,
-        device: torch.device | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(dim, reduction_factor, non_linearity, dropout, init_weights, device, dtype)
-        self.gate = Gate(dim, 1, device=device, dtype=dtype)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.gate(h) * super().forward(h)  # (..., 1) * (..., d)
+    def build_gate(self, dim: int, device: torch.device | None, dtype: torch.dtype | None) -> Gate:
+        return Gate(dim, 1, device=device, dtype=dtype)
 
 
 @dataclass(kw_only=True)
@@ -78,7 +65,6 @@ class GatedLoRA(LoRA):
     """
 
     mergeable: ClassVar[bool] = False
-    registers_peft_type: ClassVar[bool] = False  # a part, not a loader of "LORA" directories
 
     def inject_layers(self, model: nn.Module, adapter_name: str) -> None:
         super().inject_layers(model, adapter_name)
@@ -103,12 +89,7 @@ class GatedAdapter(Adapter):
     Args: those of :class:`~lightning_peft.methods.Adapter`.
     """
 
-    registers_peft_type: ClassVar[bool] = False
-
-    def build_bottleneck(self, dim: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
-        return GatedBottleneck(
-            dim, self.reduction_factor, self.non_linearity, self.dropout, self.init_weights, device, dtype
-        )
+    bottleneck_class: ClassVar[type[Bottleneck]] = GatedBottleneck
 
 
 @dataclass(kw_only=True)
@@ -117,8 +98,6 @@ class GatedPrefixTuning(PrefixTuning):
 
     Args: those of :class:`~lightning_peft.methods.PrefixTuning`.
     """
-
-    registers_peft_type: ClassVar[bool] = False
 
     def inject_layers(self, model: nn.Module, adapter_name: str) -> None:
         super().inject_layers(model, adapter_name)

@@ -90,8 +90,6 @@ class _PrefixMethod(PromptLearningMethod):
     peft_type: ClassVar[str] = "PREFIX_TUNING"
     #: Whether the prefix goes through the reparametrisation MLP (peft's ``prefix_projection``).
     prefix_projection: ClassVar[bool] = True
-    #: PrefixTuning alone loads "PREFIX_TUNING" directories; from_peft_config hands P-Tuning v2 ones on.
-    registers_peft_type: ClassVar[bool] = False
 
     num_layers: int | None = None
     num_key_value_heads: int | None = None
@@ -210,7 +208,9 @@ class PrefixTuning(_PrefixMethod):
         modules_to_save: Modules trained in full, e.g. ``["classifier"]``.
     """
 
-    registers_peft_type: ClassVar[bool] = True
+    # Assigned again so that this class, not the shared base, loads "PREFIX_TUNING" directories (a class registers
+    # the peft_type of its own body); from_peft_config hands P-Tuning v2 ones (prefix_projection=False) on.
+    peft_type: ClassVar[str] = _PrefixMethod.peft_type
 
     encoder_hidden_size: int | None = None
 

@@ -22,7 +22,7 @@ merges exactly in full precision instead.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -134,9 +134,6 @@ class QLoRA(LoRA):
             off; ``None`` leaves it as it is.
         use_reentrant: The checkpointing variant used when ``gradient_checkpointing=True``.
     """
-
-    # Saved as "LORA": loading such a directory builds LoRA, which handles 4-bit bases.
-    registers_peft_type: ClassVar[bool] = False
 
     target_modules: list[str] | str | None = "all-linear"
     quant_type: Literal["nf4", "fp4"] = "nf4"
