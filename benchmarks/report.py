@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -83,12 +84,31 @@ def peft_table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def quality_table(rows: list[dict[str, str]]) -> str:
+    """Validation accuracy per quickstart config, full fine-tuning first, each with its difference to it.
+
+    ``rows`` are :func:`benchmarks.method_comparison.run`'s (strings as the CLI printed them). The reference is
+    the row whose ``method`` is ``"full fine-tuning"``; differences are exact decimal arithmetic on the printed
+    values ("-" where there is no successful reference or the row has no accuracy).
+    """
+    reference = "full fine-tuning"
+    rows = sorted(rows, key=lambda r: r.get("method") != reference)  # stable: the others keep their order
+    full = rows[0] if rows and rows[0].get("method") == reference and "error" not in rows[0] else None
+
+    def delta(row: dict[str, str]) -> str:
+        if row is full:
+            return "reference"
+        try:
+            return f"{Decimal(row['val_acc']) - Decimal(full['val_acc']):+.4f}" if full else "-"
+        except (InvalidOperation, KeyError):  # "?" where the run printed no val_acc
+            return "-"
+
     body = [
-        [r["config"], *(["failed: " + r["error"][:60], "", "", ""] if "error" in r else
-                        [r["percent"], r["val_acc"], r["val_f1"], r["seconds"]])]
+        [r["config"], *(["failed: " + r["error"][:60], "", "", "", "", ""] if "error" in r else
+                        [r.get("method", "-"), r["percent"], r["val_acc"], delta(r), r["val_f1"], r["seconds"]])]
         for r in rows
     ]  # fmt: skip
-    return markdown_table(["config", "trainable %", "val acc", "val F1", "wall s"], body)
+    headers = ["config", "method", "trainable %", "val acc", "Δ acc vs full", "val F1", "wall s"]
+    return markdown_table(headers, body)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -14,6 +14,15 @@ The YAML chooses the method by class path::
         init_args: {r: 8, target_modules: [query, value], modules_to_save: [classifier]}
       target: model
 
+Full fine-tuning (the reference a PEFT method is compared with) is the same command with no method::
+
+    peft:
+      method: null       # the default; also `peft: null`, or on the command line `--peft.method null`
+
+Then no :class:`PEFTCallback` is added, as with a plain LightningCLI: every parameter trains (``optimizer:``
+is built from all of them), checkpoints are ordinary full checkpoints, nothing is exported after ``fit``, and
+the run still reports "full fine-tuning (no PEFT method) trains N of N parameters (100.0000%)".
+
 ``model:`` and ``data:`` accept any LightningModule / LightningDataModule by class path and default to
 :class:`~lightning_peft.tasks.SequenceClassificationModule` and
 :class:`~lightning_peft.datamodules.TextClassificationDataModule`.
@@ -35,7 +44,8 @@ from types import MethodType
 from typing import Any, NoReturn
 
 from jsonargparse import Namespace, lazy_instance, set_parsing_settings
-from lightning.pytorch import LightningModule
+from jsonargparse.typing import class_from_function
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import (
     ArgsType,
@@ -49,6 +59,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from torch.optim import Optimizer
 
 from lightning_peft.callback import PEFTCallback
+from lightning_peft.core import count_parameters
 from lightning_peft.datamodules import TextClassificationDataModule
 from lightning_peft.methods.base import PEFTMethod
 from lightning_peft.peft_format import save_adapter
@@ -149,6 +160,69 @@ def _init_args(class_path: str) -> list[str]:
     ]
 
 
+class FullFineTuning(Callback):
+    """What the CLI adds instead of a :class:`PEFTCallback` when ``peft.method`` is null: it changes nothing.
+
+    Every parameter keeps ``requires_grad``, optimizers and checkpoints are Lightning's own. It only reports
+    the parameter count the way :class:`PEFTCallback` does (the line the benchmarks parse, and the
+    ``peft/*_params`` metrics), so full fine-tuning runs line up with PEFT runs in logs and tables.
+    """
+
+    def __init__(self) -> None:
+        self.parameter_counts: dict[str, float] = {}
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.parameter_counts = counts = count_parameters(pl_module)
+        rank_zero_info(
+            f"lightning-peft: full fine-tuning (no PEFT method) trains {counts['trainable']:,} of "
+            f"{counts['total']:,} parameters ({counts['trainable_percent']:.4f}%)"
+        )
+        for logger in trainer.loggers:
+            logger.log_metrics({f"peft/{k}_params" if k != "trainable_percent" else "peft/trainable_percent": v
+                                for k, v in counts.items()}, step=0)  # fmt: skip
+
+
+def peft_section(
+    method: PEFTMethod | None = None,
+    target: str | None = None,
+    adapter_only_checkpoints: bool = True,
+    merge_on_fit_end: bool = False,
+    adapter_name: str = "default",
+) -> Callback:
+    """Inject a PEFT method into a LightningModule, train only its parameters, checkpoint only them.
+
+    ``method: null`` (or no ``peft:`` at all) is full fine-tuning: no PEFTCallback, every parameter trains,
+    full checkpoints.
+
+    Args:
+        method: The method and its hyperparameters (class_path: lightning_peft.methods.<name>); null: full
+            fine-tuning, every parameter trains (the other peft options are then unused).
+        target: Dotted path of the submodule to adapt (e.g. model); null adapts the whole module.
+        adapter_only_checkpoints: Write only adapter weights (and their optimizer state) to checkpoints.
+        merge_on_fit_end: Fold the adapter into the base weights when ``fit`` ends (mergeable methods only).
+        adapter_name: Name of the adapter inside the model.
+
+    Returns:
+        A :class:`PEFTCallback`, or a :class:`FullFineTuning` when ``method`` is null.
+
+    Raises:
+        ValueError: ``merge_on_fit_end`` without a method (there is no adapter to merge).
+    """
+    if method is None:
+        if merge_on_fit_end:
+            raise ValueError(
+                f"{PEFT_KEY}.merge_on_fit_end is true but {PEFT_KEY}.method is null (full fine-tuning): there is "
+                "no adapter to merge. Choose a method or set merge_on_fit_end: false."
+            )
+        return FullFineTuning()
+    return PEFTCallback(method, target, adapter_only_checkpoints, merge_on_fit_end, adapter_name)
+
+
+# The `peft:` group of the parser: PEFTCallback's options, with a method that may be null. jsonargparse also
+# registers the class in this module under this name; instantiating it calls peft_section.
+peft_section_class = class_from_function(peft_section, func_return=Callback)
+
+
 class PEFTLightningCLI(LightningCLI):
     """LightningCLI that adds ``peft:`` (a :class:`PEFTCallback`) and builds ``optimizer:`` lazily.
 
@@ -166,6 +240,10 @@ class PEFTLightningCLI(LightningCLI):
 
     After ``fit`` the trained adapter is also written in the Hugging Face ``peft`` layout to
     ``<log_dir>/adapter`` (loadable with :func:`lightning_peft.load_adapter` or ``peft``).
+
+    ``peft.method: null`` is full fine-tuning: a :class:`FullFineTuning` callback takes the PEFTCallback's
+    place, so the optimizer gets every parameter, checkpoints are full, and after ``fit`` there is no adapter
+    to export (the run says so and points at the best checkpoint).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -177,7 +255,7 @@ class PEFTLightningCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(PEFTCallback, PEFT_KEY)
+        parser.add_lightning_class_args(peft_section_class, PEFT_KEY)  # method null: full fine-tuning
         parser.set_defaults(
             {
                 "model": lazy_instance(SequenceClassificationModule),
@@ -200,7 +278,8 @@ class PEFTLightningCLI(LightningCLI):
             if not params:
                 raise ValueError(
                     "The config's `optimizer:` found no trainable parameters when configure_optimizers ran. "
-                    "Check that `peft.method` targets modules of the model (e.g. target_modules=[query, value])."
+                    "Check that `peft.method` targets modules of the model (e.g. target_modules=[query, value]), "
+                    "or, with `peft.method: null`, that the model does not freeze its own parameters."
                 )
             optimizer = instantiate_class(params, optimizer_init)
             lr_scheduler = instantiate_class(optimizer, lr_scheduler_init) if lr_scheduler_init else None
@@ -237,6 +316,12 @@ class PEFTLightningCLI(LightningCLI):
             init = {"class_path": f"{classes.__module__}.{classes.__name__}", "init_args": init_args}
         return init or None
 
+    def before_instantiate_classes(self) -> None:
+        """``peft: null`` means what ``peft.method: null`` means: full fine-tuning (the other options at default)."""
+        config = self.config.get(str(self.subcommand), self.config)
+        if PEFT_KEY in config and config[PEFT_KEY] is None:
+            config[PEFT_KEY] = self._parser(self.subcommand).get_defaults()[PEFT_KEY]
+
     def before_predict(self) -> None:
         """Unless the config has a prediction writer, add one: rows go to ``<log_dir>/predictions.jsonl``."""
         if not any(isinstance(c, BasePredictionWriter) for c in self.trainer.callbacks):
@@ -248,14 +333,15 @@ class PEFTLightningCLI(LightningCLI):
 
     def after_fit(self) -> None:
         callback = next((c for c in self.trainer.callbacks if isinstance(c, PEFTCallback)), None)
-        if callback is None or self.trainer.interrupted:
+        full = any(isinstance(c, FullFineTuning) for c in self.trainer.callbacks)
+        if (callback is None and not full) or self.trainer.interrupted:
             return
         log_dir = self.trainer.log_dir  # collective under DDP: every rank calls it
         strategy = self.trainer.strategy
         unsharded = isinstance(strategy, SingleDeviceStrategy) or (
             isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
         )
-        if not unsharded:
+        if callback is not None and not unsharded:
             # Sharded weights (FSDP, ModelParallel, DeepSpeed) must be gathered first; the checkpoint has them.
             rank_zero_info(
                 f"lightning-peft: {type(strategy).__name__} shards the adapter, so it is not exported "
@@ -265,8 +351,13 @@ class PEFTLightningCLI(LightningCLI):
         self._report_fit(callback, log_dir)
 
     @rank_zero_only
-    def _report_fit(self, callback: PEFTCallback, log_dir: str | None) -> None:
-        if log_dir is not None:
+    def _report_fit(self, callback: PEFTCallback | None, log_dir: str | None) -> None:
+        if callback is None:
+            rank_zero_info(
+                "lightning-peft: full fine-tuning (peft.method: null): no adapter to export; "
+                "the checkpoints hold the whole model"
+            )
+        elif log_dir is not None:
             directory = save_adapter(callback.target_module(self.model), Path(log_dir) / "adapter")
             rank_zero_info(f"lightning-peft: adapter saved to {directory}")
         best = getattr(self.trainer.checkpoint_callback, "best_model_path", "")

@@ -90,3 +90,29 @@ def test_peft_table_reports_ours_over_peft() -> None:
         {"ia3": {"trainable": 10, "max_logit_diff": 1e-6, "train_ratio": 0.9, "infer_ratio": 1.0}}
     )
     assert table.splitlines()[-1] == "| ia3 | 10 | 1.0e-06 | 0.9 | 1 |"
+
+
+def test_quality_table_puts_full_fine_tuning_first_and_reports_the_accuracy_difference() -> None:
+    lora = {"config": "quickstart", "method": "LoRA", "trainable": "148,994", "total": "22,862,210",
+            "percent": "0.6517", "val_acc": "0.8200", "val_f1": "0.8187", "seconds": "41"}  # fmt: skip
+    full = {"config": "full_finetune", "method": "full fine-tuning", "trainable": "22,713,602",
+            "total": "22,713,602", "percent": "100.0000", "val_acc": "0.8600", "val_f1": "0.8590", "seconds": "97"}  # fmt: skip
+    ia3 = {**lora, "config": "ia3", "method": "IA3", "percent": "0.0085", "val_acc": "0.9000", "val_f1": "?"}
+    failed = {"config": "qlora", "error": "ValueError: no CUDA"}
+    table = report.quality_table([lora, full, ia3, failed]).splitlines()
+    # exact decimals: 0.8200 - 0.8600 is -0.0400 here, not float's -0.04000000000000004
+    assert table == [
+        "| config | method | trainable % | val acc | Δ acc vs full | val F1 | wall s |",
+        "|---|---|---|---|---|---|---|",
+        "| full_finetune | full fine-tuning | 100.0000 | 0.8600 | reference | 0.8590 | 97 |",
+        "| quickstart | LoRA | 0.6517 | 0.8200 | -0.0400 | 0.8187 | 41 |",
+        "| ia3 | IA3 | 0.0085 | 0.9000 | +0.0400 | ? | 41 |",
+        "| qlora | failed: ValueError: no CUDA |  |  |  |  |  |",
+    ]
+    # without a successful full fine-tuning row there is nothing to compare with
+    lora_alone = "| quickstart | LoRA | 0.6517 | 0.8200 | - | 0.8187 | 41 |"
+    assert report.quality_table([lora, {**full, "val_acc": "?"}]).splitlines()[2:] == [
+        "| full_finetune | full fine-tuning | 100.0000 | ? | reference | 0.8590 | 97 |",
+        lora_alone,
+    ]
+    assert report.quality_table([lora]).splitlines()[2] == lora_alone

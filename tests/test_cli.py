@@ -15,7 +15,7 @@ import yaml
 from lightning.pytorch import Callback
 
 from lightning_peft import PEFTCallback, count_parameters
-from lightning_peft.cli import PEFTLightningCLI, cli_main, main
+from lightning_peft.cli import FullFineTuning, PEFTLightningCLI, cli_main, main
 from lightning_peft.data_files import read_records
 from lightning_peft.datamodules import TextClassificationDataModule, embedded_split_path
 from lightning_peft.methods import LoRA
@@ -412,3 +412,92 @@ def test_sft_config_fits_then_predict_generates_the_same_text_twice(tmp_path):
     assert all(row["prompt"] in text for row, text in zip(first, validation_prompts, strict=True))
     assert all(isinstance(row["response"], str) for row in first)
     assert first == second  # greedy decoding: deterministic
+
+
+# --- full fine-tuning: `peft.method: null` ---------------------------------------------------------------------
+TINY_BERT = {
+    "model_type": "bert", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "max_position_embeddings": 128,
+}  # fmt: skip
+
+
+def _rank_zero_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("lightning-peft:")]
+
+
+def test_full_finetune_config_trains_every_parameter_and_writes_full_checkpoints(tmp_path, caplog):
+    """configs/full_finetune.yaml as shipped but on a tiny random BERT: no PEFTCallback, 100% trainable."""
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text(yaml.safe_dump({
+        "model": {"init_args": {"model_config": TINY_BERT, "tokenizer_name_or_path": "byte-level"}},
+        "trainer": {"limit_train_batches": 2, "limit_val_batches": 1, "max_epochs": 1, "num_sanity_val_steps": 0},
+    }))  # fmt: skip
+    recorder = RecordOptimizers()
+    with caplog.at_level("INFO"):
+        cli = PEFTLightningCLI(
+            model_class=None, datamodule_class=None, trainer_defaults={"callbacks": [recorder]},
+            args=["fit", "--config", str(CONFIGS / "full_finetune.yaml"), "--config", str(tiny),
+                  "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"],
+        )  # fmt: skip
+    assert not any(isinstance(c, PEFTCallback) for c in cli.trainer.callbacks)
+    (full,) = [c for c in cli.trainer.callbacks if isinstance(c, FullFineTuning)]
+    model = cli.model.model
+    total = sum(p.numel() for p in model.parameters())
+    # byte-level vocabulary 259 x 32 + 128 x 32 positions + 2 x 32 token types + LayerNorm 64, then 2 layers of
+    # 4 x (32 x 32 + 32) attention, 32 x 64 + 64 and 64 x 32 + 32 feed-forward, 2 x 64 LayerNorms, pooler, head
+    layer = 4 * (32 * 32 + 32) + (32 * 64 + 64) + (64 * 32 + 32) + 2 * 64
+    assert total == (259 + 128 + 2) * 32 + 64 + 2 * layer + (32 * 32 + 32) + (32 * 2 + 2) == 30_722
+    assert full.parameter_counts == {"trainable": total, "total": total, "trainable_percent": 100.0}
+    line = f"lightning-peft: full fine-tuning (no PEFT method) trains {total:,} of {total:,} parameters (100.0000%)"
+    assert line in _rank_zero_lines(caplog)
+    # the lazy `optimizer:` of the config holds every parameter, at the full fine-tuning learning rate
+    assert {id(p) for p in recorder.params} == {id(p) for p in cli.model.parameters()}
+    optimizer = cli.trainer.optimizers[0]
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["lr"] == pytest.approx(5e-5)
+    assert cli.trainer.global_step == 2
+    # an ordinary full checkpoint: every tensor of the module, Adam state for every parameter, no PEFT record
+    best = cli.trainer.checkpoint_callback.best_model_path
+    checkpoint = torch.load(best, map_location="cpu", weights_only=False)
+    assert checkpoint["state_dict"].keys() == cli.model.state_dict().keys()
+    assert sum(s["exp_avg"].numel() for s in checkpoint["optimizer_states"][0]["state"].values()) == total
+    assert "lightning_peft" not in checkpoint and cli.model.strict_loading
+    # nothing to export, and the run says so
+    assert not (Path(cli.trainer.log_dir) / "adapter").exists()
+    lines = _rank_zero_lines(caplog)
+    assert any("no adapter to export" in line for line in lines)
+    assert any(line.startswith("lightning-peft: final metrics ") and "val_acc=" in line for line in lines)
+    # the saved config (peft.method: null) and the full checkpoint give a fresh model the trained weights
+    saved = str(Path(cli.trainer.log_dir) / "config.yaml")
+    validated = cli_main(["validate", "--config", saved, "--ckpt_path", best])
+    untrained = cli_main(["validate", "--config", saved])
+    assert not any(isinstance(c, PEFTCallback) for c in validated.trainer.callbacks)
+    trained = dict(cli.model.named_parameters())
+    assert all(torch.equal(p, trained[n]) for n, p in validated.model.named_parameters())
+    assert not all(torch.equal(p, trained[n]) for n, p in untrained.model.named_parameters())
+    assert validated.trainer.callback_metrics["val_loss"].item() == pytest.approx(
+        cli.trainer.callback_metrics["val_loss"].item(), abs=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--peft.method", "null"], ["--config", "{tmp}/peft_null.yaml"]],
+    ids=["method-null", "peft-null"],
+)
+def test_peft_null_or_method_null_selects_full_fine_tuning(tmp_path, args):
+    (tmp_path / "peft_null.yaml").write_text("peft: null\n")
+    args = [a.format(tmp=tmp_path) for a in args]
+    cli = PEFTLightningCLI(
+        model_class=None, datamodule_class=None, run=False,
+        args=["--config", str(CONFIGS / "quickstart.yaml"), *args],
+    )  # fmt: skip
+    kinds = [type(c) for c in cli.trainer.callbacks if isinstance(c, (PEFTCallback, FullFineTuning))]
+    assert kinds == [FullFineTuning]
+
+
+def test_merge_on_fit_end_without_a_method_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"peft.merge_on_fit_end is true but peft.method is null"):
+        PEFTLightningCLI(
+            model_class=None, datamodule_class=None, run=False,
+            args=["--config", str(CONFIGS / "full_finetune.yaml"), "--peft.merge_on_fit_end", "true"],
+        )  # fmt: skip
