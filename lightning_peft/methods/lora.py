@@ -28,6 +28,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lightning_peft.methods.base import AdapterLayer, ModulesToSave, NotMergeableError, PEFTMethod
+from lightning_peft.methods.lora_kernels import FusedLoraLinear
 from lightning_peft.targeting import find_targets, pattern_value, replace_module
 
 #: Default targets per transformers ``model_type`` when ``target_modules`` is not given (as in peft).
@@ -240,7 +241,9 @@ class LoraLayer(AdapterLayer):
     def adapter_output(self, adapter_name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
         A, B = self.lora_A[adapter_name], self.lora_B[adapter_name]
         dropped = self.dropped_input(adapter_name, x, A.weight.dtype)
-        return B(A(dropped)) * self.scaling[adapter_name]  # (..., in) -> (..., r) -> (..., out)
+        scaling = self.scaling[adapter_name]
+        after_A = A(dropped)  # (..., in) -> (..., r); scaled here, where it is r wide, not at (..., out)
+        return B(after_A if scaling == 1 else after_A * scaling)
 
 
 class LoraLinear(LoraLayer):
@@ -254,6 +257,40 @@ class LoraLinear(LoraLayer):
 
     def _oriented(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.T if self.fan_in_fan_out else weight
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        name = self.fusable_adapter(x, args, kwargs)
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        base, A, B = self.base_layer, self.lora_A[name], self.lora_B[name]
+        dropped = self.dropped_input(name, x, x.dtype)
+        return FusedLoraLinear.apply(
+            x, None if dropped is x else dropped, base.weight, base.bias, A.weight, B.weight,
+            self.scaling[name], self.fan_in_fan_out,
+        )  # fmt: skip
+
+    def fusable_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
+        """The one pending adapter when the fused kernel computes exactly what the modules would, else None.
+
+        That takes a plain ``nn.Linear``/``Conv1D`` base and plain ``nn.Linear`` adapters with no hooks (FSDP
+        units, quantized or tensor-parallel weights run through the modules), one plain LoRA adapter (no DoRA,
+        gate or mixed batch), one dtype throughout and no autocast.
+        """
+        if self.disabled or self.row_adapters is not None or args or kwargs:
+            return None
+        pending = self.pending_adapters()
+        if len(pending) != 1 or pending[0] in self.lora_magnitude_vector or pending[0] in self.lora_gate:
+            return None
+        name = pending[0]
+        base, A, B = self.base_layer, self.lora_A[name], self.lora_B[name]
+        if type(base) not in (nn.Linear, Conv1D) or type(A) is not nn.Linear or type(B) is not nn.Linear:
+            return None
+        if any(_has_hooks(m) for m in (base, A, B)) or torch.is_autocast_enabled(x.device.type):
+            return None
+        tensors = [t for t in (base.weight, base.bias, A.weight, B.weight) if t is not None]
+        if any(type(t) is not nn.Parameter or t.dtype != x.dtype or t.device != x.device for t in tensors):
+            return None
+        return name
 
     def create_weights(self, adapter_name: str, r: int, device: torch.device, dtype: torch.dtype) -> None:
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
@@ -289,9 +326,11 @@ class LoraLinear(LoraLayer):
         return self._oriented(delta).to(self.base_layer.weight.dtype)
 
     def weight_norm(self, adapter_name: str) -> torch.Tensor:
-        # ||W + sBA|| per output row; detached, as in the DoRA paper (sec. 4.3), to save memory
-        weight = self._oriented(self.base_weight() + self.delta_weight(adapter_name))
-        return weight.norm(p=2, dim=1).detach().to(_compute_dtype(self.base_layer.weight))
+        # ||W + sBA|| per output row, a constant to autograd as in the DoRA paper (sec. 4.3): built under no_grad,
+        # so neither the (out, in) sum nor its graph is kept or even recorded
+        with torch.no_grad():
+            weight = self._oriented(self.base_weight() + self.delta_weight(adapter_name))
+            return weight.norm(p=2, dim=1).to(_compute_dtype(self.base_layer.weight))
 
     def adapter_output(self, adapter_name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
         if adapter_name not in self.lora_magnitude_vector:
@@ -307,6 +346,15 @@ class LoraLinear(LoraLayer):
         else:  # the base term must see the same dropped input as the LoRA term
             base_no_bias = F.linear(dropped, self._oriented(self.base_weight()).to(dropped.dtype))
         return (scale - 1) * base_no_bias.to(scale.dtype) + scale * B(A(dropped)) * scaling
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(
+        module._forward_pre_hooks
+        or module._forward_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+    )
 
 
 class LoraEmbedding(LoraLayer):
