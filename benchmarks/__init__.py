@@ -2,6 +2,7 @@
 
 Modules: ``flops`` (the FLOP model of the "ideal" column), ``models`` (base models, batches, method configs),
 ``measure`` (one function per measurement), ``head_to_head`` (vs Hugging Face peft), ``report`` (Markdown,
-JSON, chart). The older single-purpose scripts (``lora_vs_peft.py``, ``method_comparison.py``,
-``qlora_memory.py``) still run on their own.
+JSON, chart), ``method_comparison`` (quickstart-task quality per config, with ``--quality``). Single-purpose
+scripts that run on their own: ``lora_kernel_layouts`` (the fused LoRA kernel's matmul layouts),
+``qlora_memory`` (4-bit storage and step memory), ``ddp_throughput`` (2-process DDP vs 1 process).
 """

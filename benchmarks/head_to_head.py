@@ -33,6 +33,10 @@ def pairs() -> dict[str, tuple[Callable[[], PEFTMethod], Callable[[], object]]]:
             lambda: LoRA(r=8, alpha=16, target_modules="all-linear"),
             lambda: LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
         ),
+        "dora": (
+            lambda: LoRA(r=8, alpha=16, target_modules="all-linear", use_dora=True),
+            lambda: LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", use_dora=True),
+        ),
         "lora_qv": (
             lambda: LoRA(r=8, alpha=16, target_modules=["q_proj", "v_proj"]),
             lambda: LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
