@@ -131,12 +131,19 @@ def counted_flops(setup: Setup) -> int:
 
 
 def interleaved(steps: dict[str, Callable[[], None]], rounds: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function, calling each once per round in turn (after ``warmup`` rounds)."""
+    """Median seconds per call of each function, calling each once per round (after ``warmup`` rounds).
+
+    Round ``k`` starts at the ``k``-th function and wraps around, so over the rounds every function runs at every
+    position of the order equally often: what the previous call leaves behind (caches, allocator state, a thread
+    pool going to sleep) does not always favour the same one.
+    """
     times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
     for round_ in range(warmup + rounds):
-        for name, fn in steps.items():
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
-            fn()
+            steps[name]()
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}

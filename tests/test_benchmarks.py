@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from benchmarks import flops, report
+from benchmarks import flops, measure, report
 
 
 def test_attention_flops_counts_scores_and_weighted_sum() -> None:
@@ -116,3 +116,11 @@ def test_quality_table_puts_full_fine_tuning_first_and_reports_the_accuracy_diff
         lora_alone,
     ]
     assert report.quality_table([lora]).splitlines()[2] == lora_alone
+
+
+def test_interleaved_rotates_the_order_so_every_setup_runs_at_every_position() -> None:
+    calls: list[str] = []
+    medians = measure.interleaved({n: (lambda n=n: calls.append(n)) for n in "abc"}, rounds=3, warmup=1)
+    # warm-up round 0 starts at a; timed rounds start at b, c, a
+    assert calls == list("abcbcacababc")
+    assert set(medians) == {"a", "b", "c"} and all(m >= 0 for m in medians.values())
