@@ -130,18 +130,23 @@ def counted_flops(setup: Setup) -> int:
     return counter.get_total_flops()
 
 
-def interleaved(steps: dict[str, Callable[[], None]], rounds: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function, calling each once per round (after ``warmup`` rounds).
+def interleaved(
+    steps: dict[str, Callable[[], None]], rounds: int, warmup: int = 1, settle: int = 1
+) -> dict[str, float]:
+    """Median seconds per call of each function over ``rounds`` rounds (after ``warmup`` untimed rounds).
 
-    Round ``k`` starts at the ``k``-th function and wraps around, so over the rounds every function runs at every
-    position of the order equally often: what the previous call leaves behind (caches, allocator state, a thread
-    pool going to sleep) does not always favour the same one.
+    In a round every function gets its turn: ``settle`` untimed calls, then one timed call, so what is timed is
+    a steady-state call (a training loop runs the same step back to back), not the first call after another
+    setup has churned the caches and the allocator. Round ``k`` starts at the ``k``-th function and wraps
+    around, so every function also runs at every position of the order equally often.
     """
     times: dict[str, list[float]] = {name: [] for name in steps}
     names = list(steps)
     for round_ in range(warmup + rounds):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
+            for _ in range(settle):
+                steps[name]()
             start = time.perf_counter()
             steps[name]()
             if round_ >= warmup:

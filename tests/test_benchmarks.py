@@ -118,9 +118,10 @@ def test_quality_table_puts_full_fine_tuning_first_and_reports_the_accuracy_diff
     assert report.quality_table([lora]).splitlines()[2] == lora_alone
 
 
-def test_interleaved_rotates_the_order_so_every_setup_runs_at_every_position() -> None:
+def test_interleaved_settles_each_setup_and_rotates_the_order() -> None:
     calls: list[str] = []
-    medians = measure.interleaved({n: (lambda n=n: calls.append(n)) for n in "abc"}, rounds=3, warmup=1)
-    # warm-up round 0 starts at a; timed rounds start at b, c, a
-    assert calls == list("abcbcacababc")
+    steps = {n: (lambda n=n: calls.append(n)) for n in "abc"}
+    medians = measure.interleaved(steps, rounds=3, warmup=1, settle=1)
+    # each turn: one settling call, then the timed one; warm-up round 0 starts at a, timed rounds at b, c, a
+    assert "".join(calls) == "aabbcc" + "bbccaa" + "ccaabb" + "aabbcc"
     assert set(medians) == {"a", "b", "c"} and all(m >= 0 for m in medians.values())
