@@ -32,14 +32,25 @@ import torch
 
 from benchmarks import flops, measure, report
 from benchmarks.measure import BASE, FULL, Setup
-from benchmarks.models import method_catalogue, model_shape, virtual_tokens
+from benchmarks.models import (
+    check_model,
+    is_causal_lm,
+    method_catalogue,
+    model_label,
+    model_shape,
+    virtual_tokens,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", choices=["llama", "minilm"], default="llama")
+    parser.add_argument(
+        "--model", type=check_model, default="llama",
+        help="llama (built from a config: --hidden, --layers), minilm (the embedded quickstart encoder), or the "
+        "path of your own Hugging Face model folder (causal LM or sequence classifier, from its config)",
+    )  # fmt: skip
     parser.add_argument("--hidden", type=int, default=512, help="Llama hidden size")
     parser.add_argument("--layers", type=int, default=4, help="Llama layers")
     parser.add_argument("--batch", type=int, default=4)
@@ -140,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(names) - set(method_catalogue(args.model)))
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {list(method_catalogue(args.model))}")
-    out = args.out or Path(__file__).resolve().parent / "results" / args.model
+    out = args.out or Path(__file__).resolve().parent / "results" / model_label(args.model)
     out.mkdir(parents=True, exist_ok=True)
     info = machine()
     started = info["started"] = time.perf_counter()
@@ -156,9 +167,13 @@ def main(argv: list[str] | None = None) -> None:
             raw[name].update(peak)
     results = {name: report.derive(row, raw[FULL]) for name, row in raw.items()}
 
-    model_label = "MiniLM (embedded all-MiniLM-L6-v2)" if args.model == "minilm" else (
-        f"Llama-shaped, hidden {args.hidden}, {args.layers} layers (random init)")  # fmt: skip
-    title = f"{model_label}, batch {args.batch}x{args.seq}, {args.threads} threads, {args.rounds} rounds"
+    described = {
+        "minilm": "MiniLM (embedded all-MiniLM-L6-v2)",
+        "llama": f"Llama-shaped, hidden {args.hidden}, {args.layers} layers (random init)",
+    }.get(
+        args.model, f"{model_label(args.model)} ({'causal LM' if is_causal_lm(args.model) else 'classifier'})"
+    )
+    title = f"{described}, batch {args.batch}x{args.seq}, {args.threads} threads, {args.rounds} rounds"
     sections = [f"### {title}", "", report.methods_table(results)]
     if skipped:
         sections += ["", "Skipped: " + "; ".join(f"{n}: {why}" for n, why in skipped.items())]

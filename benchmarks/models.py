@@ -1,14 +1,17 @@
-"""What is benchmarked: the base models (a Llama built from a config, or the embedded MiniLM), their batches,
-and one configuration per method, the same for every measurement."""
+"""What is benchmarked: the base model (a Llama built from a config, the embedded MiniLM, or the user's own
+Hugging Face model folder), its batches, and one configuration per method, the same for every measurement."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from lightning_peft.methods import (
     IA3,
@@ -38,47 +41,98 @@ class Shape:
     layers: int
 
 
+BUILT_IN = ("llama", "minilm")
+
+
+def check_model(model: str) -> str:
+    """``model`` as given if it is built in or a local model folder; otherwise a message naming the choices."""
+    if model in BUILT_IN or (Path(model) / "config.json").is_file():
+        return model
+    raise SystemExit(
+        f"--model {model!r} is neither {' nor '.join(BUILT_IN)} nor a folder with a config.json (a Hugging Face "
+        "model saved with save_pretrained); pass one of those."
+    )
+
+
+def model_label(model: str) -> str:
+    """The name of the results folder and tables: ``llama``, ``minilm`` or the model folder's name."""
+    return model if model in BUILT_IN else Path(model).resolve().name
+
+
+@functools.cache
+def is_causal_lm(model: str) -> bool:
+    """Causal LM (LM loss on random tokens) or sequence classification (2 labels), from the config's
+    architectures: a folder saved from transformers' causal-LM class of its model type (``*ForCausalLM``,
+    GPT-2's ``GPT2LMHeadModel``) is a causal LM; anything else is benchmarked as a classifier."""
+    if model in BUILT_IN:
+        return model == "llama"
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = AutoConfig.from_pretrained(model)
+    causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    return any(a.endswith("ForCausalLM") or a == causal for a in config.architectures or [])
+
+
 def build_model(args: argparse.Namespace) -> nn.Module:
     """A fresh base model with fixed weights (seed 0): the same for every method and for peft."""
     torch.manual_seed(0)
-    if args.model == "minilm":
-        from transformers import AutoModelForSequenceClassification
+    if args.model == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
 
-        from lightning_peft.tasks import default_model_path
+        config = LlamaConfig(
+            vocab_size=LLAMA_VOCAB, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
+            num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
+        )  # fmt: skip
+        return LlamaForCausalLM(config)
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-        return AutoModelForSequenceClassification.from_pretrained(default_model_path(), num_labels=2)
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from lightning_peft.tasks import default_model_path
 
-    config = LlamaConfig(
-        vocab_size=LLAMA_VOCAB, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
-        num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
-    )  # fmt: skip
-    return LlamaForCausalLM(config)
+    path = default_model_path() if args.model == "minilm" else args.model
+    if is_causal_lm(args.model):
+        return AutoModelForCausalLM.from_pretrained(path)
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
 
 
 def make_batch(args: argparse.Namespace, model: nn.Module) -> dict[str, torch.Tensor]:
     """A fixed random batch (seed 1); the loss is the model's own (LM loss, or classification)."""
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=generator)
-    if args.model == "minilm":
+    if not is_causal_lm(args.model):
         labels = torch.randint(0, 2, (args.batch,), generator=generator)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     return {"input_ids": ids, "labels": ids}
 
 
+def _classification_head(model: str) -> list[str] | None:
+    """The new head of a sequence classifier (trained in full next to every method), found on a weightless copy."""
+    if is_causal_lm(model):
+        return None
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(model, num_labels=2)
+    with torch.device("meta"):
+        names = {name for name, _ in AutoModelForSequenceClassification.from_config(config).named_children()}
+    return [name for name in ("classifier", "score") if name in names] or None
+
+
 def model_shape(model: nn.Module) -> Shape:
     config = model.config
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, Conv1D)))
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return Shape(linear, config.num_attention_heads * head_dim, config.num_hidden_layers)
 
 
-def method_catalogue(model_kind: str) -> dict[str, Callable[[], PEFTMethod]]:
-    """One factory per method, in the order of the tables. Ranks and sizes are the papers'/peft's defaults."""
-    if model_kind == "minilm":
+def method_catalogue(model: str) -> dict[str, Callable[[], PEFTMethod]]:
+    """One factory per method, in the order of the tables. Ranks and sizes are the papers'/peft's defaults; on a
+    model folder, "qv" targets are each method's default targets for its model_type."""
+    if model == "minilm":
         qv, all_linear, head = ["query", "value"], ["query", "key", "value", "dense"], ["classifier"]
-    else:
+    elif model == "llama":
         qv, all_linear, head = ["q_proj", "v_proj"], "all-linear", None
+    else:
+        qv, all_linear, head = None, "all-linear", _classification_head(model)
     n = VIRTUAL_TOKENS
     return {
         "lora": lambda: LoRA(r=8, alpha=16, target_modules=all_linear, modules_to_save=head),

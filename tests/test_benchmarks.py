@@ -125,3 +125,69 @@ def test_interleaved_settles_each_setup_and_rotates_the_order() -> None:
     # each turn: one settling call, then the timed one; warm-up round 0 starts at a, timed rounds at b, c, a
     assert "".join(calls) == "aabbcc" + "bbccaa" + "ccaabb" + "aabbcc"
     assert set(medians) == {"a", "b", "c"} and all(m >= 0 for m in medians.values())
+
+
+def _saved(model, tmp_path, name: str) -> str:
+    path = tmp_path / name
+    model.save_pretrained(path)
+    return str(path)
+
+
+def test_a_model_folder_is_benchmarked_as_its_own_task_with_default_targets(tmp_path) -> None:
+    from benchmarks.models import check_model, is_causal_lm, method_catalogue, model_label, model_shape
+    from tests.tiny_models import tiny_bert_classifier, tiny_gpt2
+
+    gpt2 = tiny_gpt2()
+    gpt2_path, bert_path = (
+        _saved(gpt2, tmp_path, "my-gpt2"),
+        _saved(tiny_bert_classifier(), tmp_path, "my-bert"),
+    )
+    assert check_model(gpt2_path) == gpt2_path and model_label(gpt2_path) == "my-gpt2"
+    assert is_causal_lm(gpt2_path) and not is_causal_lm(bert_path)
+    # the classifier's new head trains next to every method; a causal LM has none
+    assert method_catalogue(bert_path)["lora"]().modules_to_save == ["classifier"]
+    assert method_catalogue(gpt2_path)["lora"]().modules_to_save is None
+    # GPT-2's projections are transformers' Conv1D: they count as linear weights for the FLOP model
+    c = gpt2.config
+    assert model_shape(gpt2).linear_params == c.n_layer * 12 * c.n_embd**2 + c.vocab_size * c.n_embd
+
+
+def test_an_unknown_model_is_refused_naming_the_choices(tmp_path) -> None:
+    from benchmarks.models import check_model
+
+    with pytest.raises(SystemExit, match=r"neither llama nor minilm nor a folder with a config\.json"):
+        check_model(str(tmp_path))
+
+
+def test_benchmark_command_on_a_model_folder_writes_exact_counts(tmp_path) -> None:
+    from benchmarks.__main__ import main
+    from lightning_peft import count_parameters, inject
+    from lightning_peft.methods import LoRA
+    from tests.tiny_models import tiny_gpt2
+
+    path = _saved(tiny_gpt2(), tmp_path, "my-gpt2")
+    out = tmp_path / "results"
+    argv = [
+        "--model",
+        path,
+        "--methods",
+        "lora",
+        "--rounds",
+        "1",
+        "--batch",
+        "2",
+        "--seq",
+        "8",
+        "--no-peak",
+        "--no-chart",
+    ]
+    main([*argv, "--out", str(out)])
+    data = json.loads((out / "results.json").read_text())
+    expected = count_parameters(inject(tiny_gpt2(), LoRA(r=8, alpha=16, target_modules="all-linear")))
+    assert data["methods"]["lora"]["trainable"] == expected["trainable"]
+    assert (
+        data["methods"]["full"]["trainable"]
+        == data["methods"]["full"]["total"]
+        == expected["total"] - expected["trainable"]
+    )
+    assert "my-gpt2 (causal LM)" in (out / "results.md").read_text()
