@@ -109,8 +109,13 @@ def static_measurements(args: argparse.Namespace, setups: dict[str, Setup]) -> d
 def timings(args: argparse.Namespace, setups: dict[str, Setup], results: dict[str, dict[str, Any]]) -> None:
     log(f"timing training steps: {len(setups)} setups x {args.rounds} rounds")
     train = measure.interleaved({n: s.train_step for n, s in setups.items()}, args.rounds)
-    for name, seconds in train.items():
+    for name, seconds in measure.median_seconds(train).items():
         results[name]["step_s"] = seconds
+        step = measure.paired_ratio(train, name, FULL)
+        results[name]["step_ratio"], results[name]["step_ratio_iqr"] = (
+            step["median"],
+            (step["q1"], step["q3"]),
+        )
     # Inference: the untouched base model, every method unmerged, and every mergeable one merged (rebuilt, merged).
     inference = {BASE: Setup(args, BASE)}
     for name, setup in setups.items():
@@ -122,12 +127,14 @@ def timings(args: argparse.Namespace, setups: dict[str, Setup], results: dict[st
         setup.model.eval()
     log(f"timing forwards: {len(inference)} setups x {args.rounds * 2} rounds")
     infer = measure.interleaved({name: setup.infer for name, setup in inference.items()}, args.rounds * 2)
+    medians = measure.median_seconds(infer)
     for name in setups:
-        results[name]["infer_s"] = infer.get(name)
-        results[name]["infer_unmerged_ratio"] = infer[name] / infer[BASE] if name in infer else None
-        merged = infer.get(name + "+merged")
-        results[name]["infer_merged_ratio"] = merged / infer[BASE] if merged else None
-    results[FULL]["infer_base_s"] = infer[BASE]
+        results[name]["infer_s"] = medians.get(name)
+        for key, timed in (("infer_unmerged_ratio", name), ("infer_merged_ratio", name + "+merged")):
+            results[name][key] = (
+                measure.paired_ratio(infer, timed, BASE)["median"] if timed in infer else None
+            )
+    results[FULL]["infer_base_s"] = medians[BASE]
 
 
 def machine() -> dict[str, Any]:

@@ -3,7 +3,7 @@
 The adapter weights are made non-trivial (random), saved with our ``save_adapter`` and loaded into the peft
 model with peft's own ``set_peft_model_state_dict``, so both compute the same function (checked: max |logits
 difference|). Training steps and forwards of the two alternate round by round in one process; the ratio is
-ours / peft (< 1: we are faster).
+ours / peft (< 1: we are faster), the median of per-round ratios.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.measure import interleaved
+from benchmarks.measure import interleaved, median_seconds, paired_ratio
 from benchmarks.models import VIRTUAL_TOKENS, build_model, make_batch
 from lightning_peft import count_parameters, inject
 from lightning_peft.methods import IA3, LoRA, PEFTMethod, PromptTuning
@@ -99,7 +99,8 @@ def prepare(args: argparse.Namespace, name: str) -> tuple[Side, Side, float]:
 
 
 def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """``name -> {train_ratio, infer_ratio, max_logit_diff, trainable}``: ours / peft, medians of interleaved runs."""
+    """``name -> {train_ratio, infer_ratio, max_logit_diff, trainable, ...}``: ours / peft, medians of the
+    per-round ratios of interleaved runs (``train_ratio_iqr``: their quartiles)."""
     results = {}
     for name in pairs():
         try:
@@ -110,13 +111,15 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         train = interleaved({"ours": ours.train_step, "peft": theirs.train_step}, args.rounds * 2)
         ours.model.eval(), theirs.model.eval()
         infer = interleaved({"ours": ours.infer, "peft": theirs.infer}, args.rounds * 2)
+        train_ratio = paired_ratio(train, "ours", "peft")
         results[name] = {
             "trainable": int(count_parameters(ours.model)["trainable"]),
             "max_logit_diff": diff,
-            "train_ours_ms": train["ours"] * 1e3,
-            "train_peft_ms": train["peft"] * 1e3,
-            "train_ratio": train["ours"] / train["peft"],
-            "infer_ratio": infer["ours"] / infer["peft"],
+            "train_ours_ms": median_seconds(train)["ours"] * 1e3,
+            "train_peft_ms": median_seconds(train)["peft"] * 1e3,
+            "train_ratio": train_ratio["median"],
+            "train_ratio_iqr": (train_ratio["q1"], train_ratio["q3"]),
+            "infer_ratio": paired_ratio(infer, "ours", "peft")["median"],
         }
         print(
             f"  vs peft {name}: train {results[name]['train_ratio']:.3f}, infer {results[name]['infer_ratio']:.3f}",

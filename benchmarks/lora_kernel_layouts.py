@@ -2,7 +2,7 @@
 
 Each row times one rank-r product of a LoRA linear layer in two operand layouts that compute the same numbers:
 the one autograd's ``linear`` (and so a module-composed LoRA) uses, and the one the fused kernel uses.
-Both variants of a row run interleaved, round by round, and the ratio of their medians is printed
+Both variants of a row run interleaved, round by round, and the median of the per-round ratios is printed
 (kernel / module; < 1: the kernel's layout is faster).
 
 Usage: python -m benchmarks.lora_kernel_layouts [--tokens 256] [--in-features 512] [--out-features 1365] [--r 8]
@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from benchmarks.measure import interleaved
+from benchmarks.measure import interleaved, median_seconds, paired_ratio
 
 
 def rows(tokens: int, d_in: int, d_out: int, r: int) -> dict[str, tuple]:
@@ -48,11 +48,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     print("| product | module layout us | kernel layout us | kernel / module |\n|---|---|---|---|")
     for name, (module, kernel) in rows(args.tokens, args.in_features, args.out_features, args.r).items():
-        times = interleaved({"module": module, "kernel": kernel}, args.rounds, warmup=10)
-        print(
-            f"| {name} | {times['module'] * 1e6:.1f} | {times['kernel'] * 1e6:.1f} | "
-            f"{times['kernel'] / times['module']:.2f} |"
-        )
+        samples = interleaved({"module": module, "kernel": kernel}, args.rounds, warmup=10)
+        times = median_seconds(samples)
+        ratio = paired_ratio(samples, "kernel", "module")["median"]
+        print(f"| {name} | {times['module'] * 1e6:.1f} | {times['kernel'] * 1e6:.1f} | {ratio:.2f} |")
 
 
 if __name__ == "__main__":

@@ -132,8 +132,8 @@ def counted_flops(setup: Setup) -> int:
 
 def interleaved(
     steps: dict[str, Callable[[], None]], rounds: int, warmup: int = 1, settle: int = 1
-) -> dict[str, float]:
-    """Median seconds per call of each function over ``rounds`` rounds (after ``warmup`` untimed rounds).
+) -> dict[str, list[float]]:
+    """Seconds of one call of each function per round, for ``rounds`` rounds (after ``warmup`` untimed rounds).
 
     In a round every function gets its turn: ``settle`` untimed calls, then one timed call, so what is timed is
     a steady-state call (a training loop runs the same step back to back), not the first call after another
@@ -151,7 +151,22 @@ def interleaved(
             steps[name]()
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def paired_ratio(samples: dict[str, list[float]], name: str, reference: str) -> dict[str, float]:
+    """``name``'s time over ``reference``'s, round by round: the median and quartiles of those ratios.
+
+    Both ran within the same round, seconds apart, so a slow spell of a shared machine scales both; the median
+    of per-round ratios cancels it where a ratio of overall medians would not.
+    """
+    ratios = sorted(a / b for a, b in zip(samples[name], samples[reference], strict=True))
+    q1, median, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return {"median": median, "q1": q1, "q3": q3}
+
+
+def median_seconds(samples: dict[str, list[float]]) -> dict[str, float]:
+    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def status_mib(field: str) -> float:

@@ -54,7 +54,7 @@ def derive(row: dict[str, Any], full: dict[str, Any]) -> dict[str, Any]:
     out = dict(row)
     out["file_kib"] = row["file_bytes"] / 1024 if row.get("file_bytes") is not None else None
     out["file_over_params"] = row["file_bytes"] / row["param_bytes"] if row.get("param_bytes") else None
-    out["step_ratio"] = ratio("step_s")
+    out["step_ratio"] = row["step_ratio"] if row.get("step_ratio") is not None else ratio("step_s")  # paired
     out["flop_ideal_ratio"] = ratio("flops_ideal")
     out["flop_counted_ratio"] = ratio("flops_counted")
     out["step_over_ideal"] = (
@@ -74,13 +74,25 @@ def methods_table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def peft_table(results: dict[str, dict[str, Any]]) -> str:
+    """ours / peft per method: medians of per-round ratios; the train step's quartiles show the spread."""
+
+    def spread(r: dict[str, Any]) -> str:
+        iqr = r.get("train_ratio_iqr")
+        return f"{fmt(iqr[0])}-{fmt(iqr[1])}" if iqr else "-"
+
     rows = [
-        [n, r["trainable"], f"{r['max_logit_diff']:.1e}", r["train_ratio"], r["infer_ratio"]]
+        [n, r["trainable"], f"{r['max_logit_diff']:.1e}", r["train_ratio"], spread(r), r["infer_ratio"]]
         for n, r in results.items()
     ]
-    return markdown_table(
-        ["method", "trainable", "max logit diff", "train step ours/peft", "forward ours/peft"], rows
-    )
+    headers = [
+        "method",
+        "trainable",
+        "max logit diff",
+        "train step ours/peft",
+        "(quartiles)",
+        "forward ours/peft",
+    ]
+    return markdown_table(headers, rows)
 
 
 def quality_table(rows: list[dict[str, str]]) -> str:

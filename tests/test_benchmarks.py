@@ -86,10 +86,14 @@ def test_methods_table_and_json_roundtrip(tmp_path) -> None:
 
 
 def test_peft_table_reports_ours_over_peft() -> None:
+    ia3 = {"trainable": 10, "max_logit_diff": 1e-6, "train_ratio": 0.9, "train_ratio_iqr": (0.85, 0.925)}
     table = report.peft_table(
-        {"ia3": {"trainable": 10, "max_logit_diff": 1e-6, "train_ratio": 0.9, "infer_ratio": 1.0}}
+        {"ia3": {**ia3, "infer_ratio": 1.0}, "lora": {**ia3, "train_ratio_iqr": None, "infer_ratio": 2}}
     )
-    assert table.splitlines()[-1] == "| ia3 | 10 | 1.0e-06 | 0.9 | 1 |"
+    assert table.splitlines()[-2:] == [
+        "| ia3 | 10 | 1.0e-06 | 0.9 | 0.85-0.925 | 1 |",
+        "| lora | 10 | 1.0e-06 | 0.9 | - | 2 |",
+    ]
 
 
 def test_quality_table_puts_full_fine_tuning_first_and_reports_the_accuracy_difference() -> None:
@@ -121,10 +125,21 @@ def test_quality_table_puts_full_fine_tuning_first_and_reports_the_accuracy_diff
 def test_interleaved_settles_each_setup_and_rotates_the_order() -> None:
     calls: list[str] = []
     steps = {n: (lambda n=n: calls.append(n)) for n in "abc"}
-    medians = measure.interleaved(steps, rounds=3, warmup=1, settle=1)
+    samples = measure.interleaved(steps, rounds=3, warmup=1, settle=1)
     # each turn: one settling call, then the timed one; warm-up round 0 starts at a, timed rounds at b, c, a
     assert "".join(calls) == "aabbcc" + "bbccaa" + "ccaabb" + "aabbcc"
-    assert set(medians) == {"a", "b", "c"} and all(m >= 0 for m in medians.values())
+    assert {n: len(t) for n, t in samples.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios() -> None:
+    # round 2 is a slow spell hitting both setups: the per-round ratios are 0.5, 0.5, 0.6, 0.5
+    samples = {"ours": [1.0, 1.0, 6.0, 1.0], "peft": [2.0, 2.0, 10.0, 2.0]}
+    assert measure.paired_ratio(samples, "ours", "peft") == {
+        "median": 0.5,
+        "q1": 0.5,
+        "q3": pytest.approx(0.575),
+    }
+    assert measure.median_seconds(samples) == {"ours": 1.0, "peft": 2.0}
 
 
 def _saved(model, tmp_path, name: str) -> str:
