@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
     write_outputs(out, sections, data, info)
     if not args.no_chart:
-        report.write_chart(out / "results.png", results, title)
+        report.write_chart(out / "results.png", results, title, data.get("peft"), data.get("quality"))
     print((out / "results.md").read_text())
     log(f"wrote {out}/results.md, results.json{'' if args.no_chart else ', results.png'}")
 

@@ -127,8 +127,15 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def write_chart(path: Path, results: dict[str, dict[str, Any]], title: str) -> None:
-    """Four panels, one bar per method: trainable %, step time vs its FLOP ideal, memory, inference cost."""
+def write_chart(
+    path: Path,
+    results: dict[str, dict[str, Any]],
+    title: str,
+    peft: dict[str, dict[str, Any]] | None = None,
+    quality: list[dict[str, str]] | None = None,
+) -> None:
+    """One bar per method in four panels (trainable %, step time vs its FLOP ideal, memory, inference cost), plus
+    a panel for the head-to-head with peft and one for the quickstart accuracy when those were measured."""
     try:
         import matplotlib
 
@@ -140,43 +147,93 @@ def write_chart(path: Path, results: dict[str, dict[str, Any]], title: str) -> N
             "or pass --no-chart."
         ) from error
     names = list(results)
-    y = range(len(names))
-    fig, axes = plt.subplots(1, 4, figsize=(18, 0.42 * len(names) + 2), sharey=True)
+    panels = 4 + bool(peft) + bool(quality)
+    fig = plt.figure(figsize=(4.4 * panels, 0.42 * len(names) + 2))
+    axes = [fig.add_subplot(1, panels, 1)]
+    axes += [fig.add_subplot(1, panels, i, sharey=axes[0]) for i in (2, 3, 4)]
 
-    def bars(ax, keys_labels, title_, ref=None, log=False):
-        height = 0.8 / len(keys_labels)
-        for i, (key, label) in enumerate(keys_labels):
-            values = [results[n].get(key) or 0 for n in names]
-            ax.barh([v + (i - (len(keys_labels) - 1) / 2) * height for v in y], values, height, label=label)
+    def bars(ax, labels, series, title_, ref=None, log=False):
+        """``series``: (legend label, one value per label) pairs, drawn as grouped horizontal bars."""
+        height = 0.8 / len(series)
+        for i, (label, values) in enumerate(series):
+            offsets = [k + (i - (len(series) - 1) / 2) * height for k in range(len(labels))]
+            ax.barh(offsets, [v or 0 for v in values], height, label=label)
         if ref is not None:
             ax.axvline(ref, color="black", lw=0.8, ls="--")
         if log:
             ax.set_xscale("log")
         ax.set_title(title_, fontsize=10)
-        if len(keys_labels) > 1:
+        if len(series) > 1:
             ax.legend(fontsize=7, loc="lower right")
 
-    bars(axes[0], [("trainable_percent", "trainable %")], "trainable parameters, % (log)", log=True)
+    def column(key: str) -> list[Any]:
+        return [results[n].get(key) for n in names]
+
     bars(
-        axes[1],
-        [("step_ratio", "measured"), ("flop_ideal_ratio", "FLOP ideal")],
-        "train step / full FT",
-        ref=1,
+        axes[0],
+        names,
+        [("trainable %", column("trainable_percent"))],
+        "trainable parameters, % (log)",
+        log=True,
     )
-    bars(
-        axes[2],
-        [("activation_ratio", "saved activations"), ("grad_optimizer_ratio", "grads + AdamW"), ("peak_ratio", "process peak")],
-        "training memory / full FT", ref=1,
-    )  # fmt: skip
-    bars(
-        axes[3],
-        [("infer_unmerged_ratio", "unmerged"), ("infer_merged_ratio", "merged")],
-        "forward / base model",
-        ref=1,
-    )
-    axes[0].set_yticks(list(y), names)
+    bars(axes[1], names, [("measured", column("step_ratio")), ("FLOP ideal", column("flop_ideal_ratio"))],
+         "train step / full FT", ref=1)  # fmt: skip
+    memory = [("saved activations", column("activation_ratio")), ("grads + AdamW", column("grad_optimizer_ratio")),
+              ("process peak", column("peak_ratio"))]  # fmt: skip
+    bars(axes[2], names, memory, "training memory / full FT", ref=1)
+    forward = [("unmerged", column("infer_unmerged_ratio")), ("merged", column("infer_merged_ratio"))]
+    bars(axes[3], names, forward, "forward / base model", ref=1)
+    axes[0].set_yticks(range(len(names)), names)
     axes[0].invert_yaxis()
+    for ax in axes[1:]:
+        ax.tick_params(labelleft=False)
+    if peft:
+        ax = fig.add_subplot(1, panels, 5)
+        pairs = list(peft)
+        series = [("train step", [peft[n]["train_ratio"] for n in pairs]),
+                  ("forward", [peft[n]["infer_ratio"] for n in pairs])]  # fmt: skip
+        bars(ax, pairs, series, "lightning-peft / HF peft (< 1: faster)", ref=1)
+        ax.axvline(0.95, color="grey", lw=0.8, ls=":")
+        ax.set_yticks(range(len(pairs)), pairs)
+        ax.invert_yaxis()
+    if quality:
+        ax = fig.add_subplot(1, panels, panels)
+        rows = [r for r in quality if "error" not in r and _decimal(r.get("val_acc")) is not None]
+        labels = [r["config"] for r in rows]
+        bars(
+            ax, labels, [("val acc", [float(r["val_acc"]) for r in rows])], "quickstart val accuracy", ref=0.5
+        )
+        full = next((r for r in rows if r.get("method") == "full fine-tuning"), None)
+        if full is not None:
+            ax.axvline(float(full["val_acc"]), color="red", lw=0.8, ls=":", label="full fine-tuning")
+        ax.set_yticks(range(len(labels)), labels)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _decimal(value: Any) -> Decimal | None:
+    try:
+        return Decimal(str(value))
+    except (InvalidOperation, ValueError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m benchmarks.report DIR``: redraw ``DIR/results.png`` from ``DIR/results.json`` (no rerun)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("directory", type=Path, help="a results folder, e.g. benchmarks/results/llama")
+    directory = parser.parse_args(argv).directory
+    data = json.loads((directory / "results.json").read_text())
+    title = (directory / "results.md").read_text().splitlines()[0].removeprefix("### ")
+    write_chart(directory / "results.png", data["methods"], title, data.get("peft"), data.get("quality"))
+    print(f"wrote {directory / 'results.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -206,3 +206,26 @@ def test_benchmark_command_on_a_model_folder_writes_exact_counts(tmp_path) -> No
         == expected["total"] - expected["trainable"]
     )
     assert "my-gpt2 (causal LM)" in (out / "results.md").read_text()
+
+
+def _png_size(path) -> tuple[int, int]:
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+
+
+def test_chart_has_a_panel_per_measurement_and_is_redrawn_from_the_json(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    keys = ["trainable_percent", "step_ratio", "flop_ideal_ratio", "activation_ratio", "grad_optimizer_ratio",
+            "peak_ratio", "infer_unmerged_ratio", "infer_merged_ratio"]  # fmt: skip
+    methods = {"full": dict.fromkeys(keys, 1.0), "lora": dict.fromkeys(keys, 0.5)}
+    peft = {"lora": {"train_ratio": 0.9, "infer_ratio": 0.95}}
+    quality = [{"config": "full_finetune", "method": "full fine-tuning", "val_acc": "0.9200"},
+               {"config": "quickstart", "method": "LoRA", "val_acc": "0.8600"}, {"config": "x", "error": "boom"}]  # fmt: skip
+    report.write_json(tmp_path / "results.json", {"methods": methods, "peft": peft, "quality": quality})
+    (tmp_path / "results.md").write_text("### a title\n\nrest\n")
+    report.main([str(tmp_path)])
+    # 4 panels + peft + quality, 4.4 in each at 110 dpi; 0.42 in per method row + 2 in
+    assert _png_size(tmp_path / "results.png") == (round(6 * 4.4 * 110), round((0.42 * 2 + 2) * 110))
+    report.write_chart(tmp_path / "plain.png", methods, "no extras")
+    assert _png_size(tmp_path / "plain.png")[0] == round(4 * 4.4 * 110)
