@@ -106,9 +106,18 @@ def static_measurements(args: argparse.Namespace, setups: dict[str, Setup]) -> d
     return results
 
 
-def timings(args: argparse.Namespace, setups: dict[str, Setup], results: dict[str, dict[str, Any]]) -> None:
-    log(f"timing training steps: {len(setups)} setups x {args.rounds} rounds")
-    train = measure.interleaved({n: s.train_step for n, s in setups.items()}, args.rounds)
+def timings(
+    args: argparse.Namespace, setups: dict[str, Setup], results: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, float]]:
+    """Step and forward times into ``results``; returns this run's noise floor: the ratio of a second, identical
+    copy of the reference (full fine-tuning; the base model) timed alongside it, which would be 1 on a quiet
+    machine."""
+    log(f"timing training steps: {len(setups) + 1} setups x {args.rounds} rounds")
+    control = FULL + " copy"
+    calls = {n: s.train_step for n, s in setups.items()} | {control: Setup(args, FULL).train_step}
+    train = measure.interleaved(calls, args.rounds)
+    floor = {"train": measure.paired_ratio(train, control, FULL)}
+    del train[control]
     for name, seconds in measure.median_seconds(train).items():
         results[name]["step_s"] = seconds
         step = measure.paired_ratio(train, name, FULL)
@@ -117,7 +126,7 @@ def timings(args: argparse.Namespace, setups: dict[str, Setup], results: dict[st
             (step["q1"], step["q3"]),
         )
     # Inference: the untouched base model, every method unmerged, and every mergeable one merged (rebuilt, merged).
-    inference = {BASE: Setup(args, BASE)}
+    inference = {BASE: Setup(args, BASE), BASE + " copy": Setup(args, BASE)}
     for name, setup in setups.items():
         if name != FULL:
             inference[name] = setup
@@ -135,6 +144,8 @@ def timings(args: argparse.Namespace, setups: dict[str, Setup], results: dict[st
                 measure.paired_ratio(infer, timed, BASE)["median"] if timed in infer else None
             )
     results[FULL]["infer_base_s"] = medians[BASE]
+    floor["forward"] = measure.paired_ratio(infer, BASE + " copy", BASE)
+    return floor
 
 
 def machine() -> dict[str, Any]:
@@ -167,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     log(f"measuring {list(setups)} (skipped: {skipped or 'none'})")
     raw = static_measurements(args, setups)
     log(f"static measurements done ({time.perf_counter() - started:.0f} s)")
-    timings(args, setups, raw)
+    floor = timings(args, setups, raw)
     if not args.no_peak:
         log(f"peak memory: one forked process per setup ({time.perf_counter() - started:.0f} s so far)")
         for name, peak in measure.process_peaks(args, list(setups)).items():
@@ -181,13 +192,14 @@ def main(argv: list[str] | None = None) -> None:
         args.model, f"{model_label(args.model)} ({'causal LM' if is_causal_lm(args.model) else 'classifier'})"
     )
     title = f"{described}, batch {args.batch}x{args.seq}, {args.threads} threads, {args.rounds} rounds"
-    sections = [f"### {title}", "", report.methods_table(results)]
+    sections = [f"### {title}", "", report.methods_table(results), "", report.noise_floor_line(floor)]
     if skipped:
         sections += ["", "Skipped: " + "; ".join(f"{n}: {why}" for n, why in skipped.items())]
     data: dict[str, Any] = {
         "config": vars(args) | {"out": str(out)},
         "machine": info,
         "methods": results,
+        "noise_floor": floor,
         "skipped": skipped,
     }
     write_outputs(

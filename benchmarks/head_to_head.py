@@ -98,11 +98,11 @@ def prepare(args: argparse.Namespace, name: str) -> tuple[Side, Side, float]:
     return Side(ours, batch), Side(theirs, batch), diff
 
 
-def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+def run(args: argparse.Namespace, names: list[str] | None = None) -> dict[str, dict[str, float]]:
     """``name -> {train_ratio, infer_ratio, max_logit_diff, trainable, ...}``: ours / peft, medians of the
-    per-round ratios of interleaved runs (``train_ratio_iqr``: their quartiles)."""
+    per-round ratios of interleaved runs (``train_ratio_iqr``: their quartiles). ``names``: default all pairs."""
     results = {}
-    for name in pairs():
+    for name in names or pairs():
         try:
             ours, theirs, diff = prepare(args, name)
         except (RuntimeError, ValueError) as error:  # one pair failing must not lose the others
@@ -121,8 +121,28 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             "train_ratio_iqr": (train_ratio["q1"], train_ratio["q3"]),
             "infer_ratio": paired_ratio(infer, "ours", "peft")["median"],
         }
+        q1, q3 = results[name]["train_ratio_iqr"]
         print(
-            f"  vs peft {name}: train {results[name]['train_ratio']:.3f}, infer {results[name]['infer_ratio']:.3f}",
+            f"  vs peft {name}: train {results[name]['train_ratio']:.3f} (quartiles {q1:.3f}-{q3:.3f}), "
+            f"infer {results[name]['infer_ratio']:.3f}",
             flush=True,
         )
     return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m benchmarks.head_to_head [--pairs lora lora_qv] [--rounds 20] [benchmark options]``: only the
+    comparison with peft (each pair runs ``2 x rounds`` interleaved rounds), printed as a table."""
+    from benchmarks.__main__ import parse_args
+    from benchmarks.report import peft_table
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--pairs", nargs="*", default=None, choices=list(pairs()))
+    known, rest = parser.parse_known_args(argv)
+    args = parse_args(rest)
+    torch.set_num_threads(args.threads)
+    print(peft_table(run(args, known.pairs)))
+
+
+if __name__ == "__main__":
+    main()

@@ -95,6 +95,18 @@ def peft_table(results: dict[str, dict[str, Any]]) -> str:
     return markdown_table(headers, rows)
 
 
+def noise_floor_line(floor: dict[str, dict[str, float]]) -> str:
+    """One sentence: how far from 1 an identical copy of the reference measured in this run."""
+    parts = [
+        f"{kind} {fmt(r['median'])} (quartiles {fmt(r['q1'])}-{fmt(r['q3'])})" for kind, r in floor.items()
+    ]
+    return (
+        "Noise floor of this run (an identical copy of the reference, timed alongside it; 1 on a quiet machine): "
+        + ", ".join(parts)
+        + "."
+    )
+
+
 def quality_table(rows: list[dict[str, str]]) -> str:
     """Validation accuracy per quickstart config, full fine-tuning first, each with its difference to it.
 

@@ -229,3 +229,14 @@ def test_chart_has_a_panel_per_measurement_and_is_redrawn_from_the_json(tmp_path
     assert _png_size(tmp_path / "results.png") == (round(6 * 4.4 * 110), round((0.42 * 2 + 2) * 110))
     report.write_chart(tmp_path / "plain.png", methods, "no extras")
     assert _png_size(tmp_path / "plain.png")[0] == round(4 * 4.4 * 110)
+
+
+def test_noise_floor_line_names_both_copies() -> None:
+    floor = {
+        "train": {"median": 1.01, "q1": 0.97, "q3": 1.04},
+        "forward": {"median": 0.995, "q1": 0.98, "q3": 1.0},
+    }
+    assert report.noise_floor_line(floor) == (
+        "Noise floor of this run (an identical copy of the reference, timed alongside it; 1 on a quiet machine): "
+        "train 1.01 (quartiles 0.97-1.04), forward 0.995 (quartiles 0.98-1)."
+    )
