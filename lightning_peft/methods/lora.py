@@ -28,7 +28,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lightning_peft.methods.base import AdapterLayer, ModulesToSave, NotMergeableError, PEFTMethod
-from lightning_peft.methods.lora_kernels import FusedLoraLinear
+from lightning_peft.methods.lora_kernels import FusedDoraLinear, FusedLoraLinear
 from lightning_peft.targeting import find_targets, pattern_value, replace_module
 
 #: Default targets per transformers ``model_type`` when ``target_modules`` is not given (as in peft).
@@ -263,6 +263,13 @@ class LoraLinear(LoraLayer):
         if name is None:
             return super().forward(x, *args, **kwargs)
         base, A, B = self.base_layer, self.lora_A[name], self.lora_B[name]
+        if name in self.lora_magnitude_vector:  # DoRA's base term sees the dropped input only while training
+            dropout = self.lora_dropout[name]
+            dropped = x if isinstance(dropout, nn.Identity) or not self.training else dropout(x)
+            return FusedDoraLinear.apply(
+                x, None if dropped is x else dropped, base.weight, base.bias, A.weight, B.weight,
+                self.lora_magnitude_vector[name], self.weight_norm(name), self.scaling[name], self.fan_in_fan_out,
+            )  # fmt: skip
         dropped = self.dropped_input(name, x, x.dtype)
         return FusedLoraLinear.apply(
             x, None if dropped is x else dropped, base.weight, base.bias, A.weight, B.weight,
@@ -273,13 +280,14 @@ class LoraLinear(LoraLayer):
         """The one pending adapter when the fused kernel computes exactly what the modules would, else None.
 
         That takes a plain ``nn.Linear``/``Conv1D`` base and plain ``nn.Linear`` adapters with no hooks (FSDP
-        units, quantized or tensor-parallel weights run through the modules), one plain LoRA adapter (no DoRA,
-        gate or mixed batch), one dtype throughout and no autocast.
+        units, quantized or tensor-parallel weights run through the modules), one plain LoRA or DoRA adapter (no
+        gate or mixed batch), one dtype throughout and no autocast. A DoRA adapter's dropout must be in the
+        layer's own train/eval mode (the module path keys the base term on the layer's, the mask on the dropout's).
         """
         if self.disabled or self.row_adapters is not None or args or kwargs:
             return None
         pending = self.pending_adapters()
-        if len(pending) != 1 or pending[0] in self.lora_magnitude_vector or pending[0] in self.lora_gate:
+        if len(pending) != 1 or pending[0] in self.lora_gate:
             return None
         name = pending[0]
         base, A, B = self.base_layer, self.lora_A[name], self.lora_B[name]
@@ -287,7 +295,11 @@ class LoraLinear(LoraLayer):
             return None
         if any(_has_hooks(m) for m in (base, A, B)) or torch.is_autocast_enabled(x.device.type):
             return None
-        tensors = [t for t in (base.weight, base.bias, A.weight, B.weight) if t is not None]
+        magnitude, dropout = self.lora_magnitude_vector.get(name), self.lora_dropout[name]
+        mode_differs = not isinstance(dropout, nn.Identity) and dropout.training != self.training
+        if magnitude is not None and mode_differs:
+            return None
+        tensors = [t for t in (base.weight, base.bias, A.weight, B.weight, magnitude) if t is not None]
         if any(type(t) is not nn.Parameter or t.dtype != x.dtype or t.device != x.device for t in tensors):
             return None
         return name
