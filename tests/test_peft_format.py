@@ -319,7 +319,8 @@ def test_a_directory_written_by_peft_loads_with_its_outputs(case: tuple, tmp_pat
     reference.save_pretrained(tmp_path)
 
     loaded = load_adapter(build(), tmp_path)
-    torch.testing.assert_close(forward(loaded), expected, atol=1e-6, rtol=0)
+    # peft and our fused kernel order the float ops differently: equal to rounding (the parity matrix's 1e-5)
+    torch.testing.assert_close(forward(loaded), expected, atol=1e-5, rtol=0)
 
 
 @case_param
@@ -331,7 +332,7 @@ def test_our_directory_loads_in_peft_with_our_outputs(case: tuple, tmp_path: Pat
     save_adapter(model, tmp_path)
 
     reference = peft.PeftModel.from_pretrained(build(), tmp_path).eval()
-    torch.testing.assert_close(forward(reference), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(forward(reference), expected, atol=1e-5, rtol=0)  # peft's op order: see above
     theirs = peft.get_peft_model_state_dict(reference)
     ours = load_file(tmp_path / WEIGHTS_NAME)
     assert set(theirs) == set(ours)
