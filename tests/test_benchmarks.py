@@ -240,3 +240,12 @@ def test_noise_floor_line_names_both_copies() -> None:
         "Noise floor of this run (an identical copy of the reference, timed alongside it; 1 on a quiet machine): "
         "train 1.01 (quartiles 0.97-1.04), forward 0.995 (quartiles 0.98-1)."
     )
+
+
+def test_quality_runs_only_single_process_quickstart_configs() -> None:
+    from benchmarks.method_comparison import quickstart_task_configs
+
+    configs = quickstart_task_configs()
+    assert configs[0] == "full_finetune" and "quickstart" in configs and "lora" in configs
+    # the DDP, multi-node and FSDP configs would spawn or wait for other processes; SFT/QLoRA are another task
+    assert not {"ddp", "multinode", "fsdp", "sft_tiny_llama", "qlora"} & set(configs)
