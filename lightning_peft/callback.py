@@ -12,7 +12,9 @@ Lightning has no hook that runs after every place a user may build a model
   param group in place (groups are kept, so LR schedulers stay valid);
 * ``on_save_checkpoint`` / ``on_load_checkpoint``: keep only adapter weights (the
   module hook runs even with ``save_weights_only=True``) and refuse a checkpoint
-  that lacks adapter keys before anything is loaded.
+  that lacks adapter keys before anything is loaded; the method's non-parameter
+  training state (:meth:`~lightning_peft.methods.PEFTMethod.training_state`) is
+  written to and restored from the ``lightning_peft`` entry.
 
 The callback knows nothing about any single method: per-method behaviour comes
 through the :class:`~lightning_peft.methods.PEFTMethod` hooks.
@@ -27,6 +29,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
@@ -210,6 +213,8 @@ class PEFTCallback(Callback):
             "target": self.target,
             "method": self.method.config_dict(),
             "adapter_keys": keys,
+            # Non-parameter training state (e.g. AdaLoRA's importance EMAs), restored in _on_load_checkpoint.
+            "training_state": self.method.training_state(self.target_module(pl_module), self.adapter_name),
         }
         if self.adapter_only_checkpoints and "state_dict" in checkpoint:
             wanted = set(keys)
@@ -220,15 +225,19 @@ class PEFTCallback(Callback):
     ) -> None:
         original(checkpoint)
         state = checkpoint.get("state_dict")
-        if state is None:  # sharded strategies load weights through their own planner
-            return
-        missing = [k for k in self.adapter_keys(pl_module) if k not in state]
+        # state is None: sharded strategies load weights through their own planner
+        missing = [k for k in self.adapter_keys(pl_module) if k not in state] if state is not None else []
         if missing:
             raise KeyError(
                 f"The checkpoint lacks {len(missing)} adapter tensors of {self.method.name}, e.g. {missing[:5]}. "
                 "It was written for another method, target or target_modules (or before PEFT was added); load it "
                 "with the same PEFTCallback configuration it was trained with."
             )
+        training_state = (checkpoint.get(CHECKPOINT_KEY) or {}).get("training_state")
+        trainer = getattr(pl_module, "_trainer", None)
+        if training_state is None and (trainer is None or trainer.state.fn != TrainerFn.FITTING):
+            return  # an older checkpoint evaluated, not resumed: nothing restarts, no warning
+        self.method.load_training_state(self.target_module(pl_module), self.adapter_name, training_state)
 
     # --- training-time hooks ---------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

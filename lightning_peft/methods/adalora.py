@@ -15,6 +15,8 @@ on a cubic schedule from ``sum of init_r`` to ``target_r * layers`` between step
 kept masked to the end, and :func:`~lightning_peft.save_adapter` writes it as ``rank_pattern`` with the
 masked triplets dropped from the tensors, as peft does. Loading such a directory builds layers of the final
 ranks. The scale stays ``alpha / init_r`` throughout, so nothing is rescaled when triplets are dropped.
+The EMAs, the latest masks and the total step are checkpointed by :class:`~lightning_peft.PEFTCallback`
+(:meth:`AdaLoRA.training_state`), so resuming mid-allocation reproduces the uninterrupted run bit for bit.
 
 Numerics and names (``lora_A``, ``lora_B``, ``lora_E``) follow Hugging Face ``peft``, so adapters load there.
 The budget is computed in integers; peft's float formula can land one lower when the exact budget is an
@@ -28,7 +30,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -39,6 +41,7 @@ from lightning_peft.targeting import find_targets, replace_module
 _SVD = ("lora_A", "lora_E", "lora_B")
 _PEFT_NAMES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}  # ours -> AdaLoraConfig's
 _EPS = 1e-5  # added to init_r in the scale, as peft does (guards r = 0)
+_EMA_NAMES = ("exp_avg_ipt", "exp_avg_unc")  # peft's RankAllocator names: importance EMA, uncertainty EMA
 
 
 def budget_schedule(
@@ -375,6 +378,73 @@ class AdaLoRA(PEFTMethod):
                 keep = score > threshold  # ties at the threshold are dropped together, as in peft
                 layer.lora_E[adapter].masked_fill_(~keep.view(-1, 1), 0.0)
                 layer.rank_mask[adapter] = keep
+
+    # --- checkpointed training state (PEFTCallback resumes exactly through it) ------------------------------
+    def training_state(self, model: nn.Module, adapter_name: str) -> dict[str, Any]:
+        """The rank allocator's state: per layer the importance EMAs and the latest mask; the total step seen.
+
+        Keys: ``"<module>.<lora_A|lora_E|lora_B>.<exp_avg_ipt|exp_avg_unc>"`` (peft's RankAllocator names),
+        ``"<module>.rank_mask"`` (bool, once allocated) and ``"total_step"``; module names as in
+        ``named_modules()`` with wrapper segments removed. The EMAs are absent after the final allocation.
+        """
+        from lightning_peft.core import clean_key  # here: core imports the methods package
+
+        state: dict[str, Any] = {}
+        if getattr(self, "_total_step_seen", None) is not None:
+            state["total_step"] = int(self._total_step_seen)
+        for name, layer in self._layers(model, adapter_name):
+            prefix = clean_key(name)
+            for attr, pair in layer.importance.get(adapter_name, {}).items():
+                state.update({f"{prefix}.{attr}.{k}": v for k, v in zip(_EMA_NAMES, pair, strict=True)})
+            if adapter_name in layer.rank_mask:
+                state[f"{prefix}.rank_mask"] = layer.rank_mask[adapter_name]
+        return state
+
+    def load_training_state(self, model: nn.Module, adapter_name: str, state: dict[str, Any] | None) -> None:
+        from lightning_peft.core import clean_key  # here: core imports the methods package
+
+        if state is None:
+            rank_zero_warn(
+                "lightning-peft: the checkpoint holds no AdaLoRA training state (written by an older version): "
+                "the importance statistics (EMAs of sensitivity and uncertainty) restart from zero, so resuming "
+                "during rank allocation (between tinit and total_step - tfinal) will not reproduce the "
+                "uninterrupted run. Masks after the final allocation are still recovered from E's zeros."
+            )
+            return
+        left = dict(state)
+        if "total_step" in left:
+            self._total_step_seen = int(left.pop("total_step"))
+        for name, layer in self._layers(model, adapter_name):
+            prefix = clean_key(name)
+            importance = {}
+            for attr in _SVD:
+                p = getattr(layer, attr)[adapter_name]
+                pair = [left.pop(f"{prefix}.{attr}.{k}", None) for k in _EMA_NAMES]
+                if any(t is None for t in pair):
+                    continue
+                if any(t.shape != p.shape for t in pair):  # e.g. local shards under FSDP
+                    rank_zero_warn(
+                        f"lightning-peft: AdaLoRA training state for {prefix}.{attr} has shape "
+                        f"{tuple(pair[0].shape)}, the parameter {tuple(p.shape)}: its importance statistics restart."
+                    )
+                    continue
+                importance[attr] = tuple(t.to(device=p.device, dtype=p.dtype) for t in pair)
+            if len(importance) == len(_SVD):
+                layer.importance[adapter_name] = importance
+            else:
+                layer.importance.pop(adapter_name, None)
+            mask = left.pop(f"{prefix}.rank_mask", None)
+            if mask is not None:
+                layer.rank_mask[adapter_name] = mask.to(
+                    device=layer.lora_E[adapter_name].device, dtype=torch.bool
+                )
+            else:
+                layer.rank_mask.pop(adapter_name, None)
+        if left:
+            raise ValueError(
+                f"AdaLoRA training state names {len(left)} entries of modules this model does not adapt, e.g. "
+                f"{sorted(left)[:3]}; resume with the same target_modules the checkpoint was trained with."
+            )
 
     # --- the Hugging Face peft file format ------------------------------------------------------------------
     def to_peft_config(self, model: nn.Module, adapter_name: str) -> dict[str, Any]:

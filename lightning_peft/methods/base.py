@@ -241,6 +241,26 @@ class PEFTMethod:
         """An extra loss term added to the training objective (e.g. an orthogonality regulariser)."""
         return None
 
+    # --- training state outside parameters (checkpointed by PEFTCallback) ------------------------------------
+    def training_state(self, model: nn.Module, adapter_name: str) -> dict[str, Any]:
+        """Training state held outside parameters and optimizer (e.g. AdaLoRA's importance EMAs); empty by default.
+
+        :class:`~lightning_peft.PEFTCallback` writes it into its checkpoint entry
+        (``checkpoint["lightning_peft"]["training_state"]``) and hands it back to
+        :meth:`load_training_state` on resume, so that resuming reproduces an uninterrupted run. Keys are strings
+        that must not depend on object identity (use module names, e.g. via ``core.clean_key``); values are
+        tensors, ints, floats, bools, strs, or lists/dicts of them, so the checkpoint loads with
+        ``torch.load(weights_only=True)``.
+        """
+        return {}
+
+    def load_training_state(self, model: nn.Module, adapter_name: str, state: dict[str, Any] | None) -> None:
+        """Restore what :meth:`training_state` returned, after injection and before training continues.
+
+        ``state`` is ``None`` when the checkpoint holds no training state (written before this hook existed);
+        a method whose statistics then restart should warn. No-op by default.
+        """
+
     # --- the Hugging Face peft file format ------------------------------------------------------------------
     def to_peft_config(self, model: nn.Module, adapter_name: str) -> dict[str, Any]:
         """The ``adapter_config.json`` content for this adapter."""

@@ -11,10 +11,20 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_peft import adapter_state_dict, inject, load_adapter, merge, save_adapter, set_adapter
+from lightning_peft import (
+    PEFTCallback,
+    adapter_state_dict,
+    inject,
+    load_adapter,
+    merge,
+    save_adapter,
+    set_adapter,
+)
 from lightning_peft.methods import AdaLoRA, LoRA
 from lightning_peft.methods import adalora as adalora_module
 from lightning_peft.methods.adalora import SVDLayer
@@ -214,6 +224,119 @@ def _assert_rank_pattern_saved_and_restored(model: nn.Module, ranks: dict[str, i
     theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours")
     with torch.no_grad():
         torch.testing.assert_close(checks.logits(theirs), expected, atol=1e-6, rtol=0)
+
+
+# --- resuming from an adapter-only checkpoint mid-allocation ------------------------------------------------
+RESUME_STEPS, RESUME_AT, BATCHES = 15, 5, 5  # 3 epochs of 5 batches; the checkpoint after epoch 1 (step 5)
+RESUME_CONFIG = {"init_r": 6, "target_r": 2, "tinit": 2, "tfinal": 4, "deltaT": 2, "total_step": RESUME_STEPS}
+
+
+class RecordTrainingState(pl.Callback):
+    """After PEFTCallback's per-step work: the method's training state, copied."""
+
+    def __init__(self, method: AdaLoRA) -> None:
+        self.method = method
+        self.states: list[dict[str, Any]] = []
+
+    def snapshot(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+        state = self.method.training_state(pl_module.model, "default")
+        return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.restored = self.snapshot(pl_module)  # after a checkpoint restore, before the first step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self.states.append(self.snapshot(pl_module))
+
+
+def _fit_adalora(
+    tmp_path: Path, max_epochs: int, ckpt_path: str | None = None, dirpath: Path | None = None
+) -> tuple[checks.TinyTask, RecordTrainingState]:
+    method = AdaLoRA(target_modules=["q_proj", "v_proj"], **RESUME_CONFIG)
+    recorder = RecordTrainingState(method)
+    callbacks: list[pl.Callback] = [PEFTCallback(method, target="model"), recorder]
+    if dirpath is not None:
+        callbacks.append(ModelCheckpoint(dirpath=dirpath, save_last=True, save_top_k=0))
+    g = torch.Generator().manual_seed(1)  # a different batch each step: the importances move
+    ids = torch.randint(0, checks.VOCAB, (4 * BATCHES, 12), generator=g)
+    data = DataLoader(TensorDataset(ids, torch.zeros(4 * BATCHES)), batch_size=4, shuffle=False)
+    module = checks.TinyTask(tiny_llama, lr=2e-2)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=dirpath is not None, default_root_dir=tmp_path,
+        callbacks=callbacks,
+    )  # fmt: skip
+    trainer.fit(module, data, ckpt_path=ckpt_path)
+    return module, recorder
+
+
+def _assert_same_state(actual: dict[str, Any], expected: dict[str, Any], step: int) -> None:
+    assert actual.keys() == expected.keys(), step
+    for key, value in expected.items():
+        same = torch.equal(actual[key], value) if isinstance(value, torch.Tensor) else actual[key] == value
+        assert same, (step, key)
+
+
+def test_resume_mid_allocation_from_adapter_checkpoint_is_exact(tmp_path: Path) -> None:
+    assert RESUME_CONFIG["tinit"] < RESUME_AT < RESUME_STEPS - RESUME_CONFIG["tfinal"]  # inside the budgeting
+    uninterrupted, full = _fit_adalora(tmp_path, max_epochs=3)
+    full_states = full.states
+    first, _ = _fit_adalora(tmp_path, max_epochs=1, dirpath=tmp_path / "ckpt")
+    resumed, resumed_run = _fit_adalora(
+        tmp_path, max_epochs=3, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
+
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    entry = saved["lightning_peft"]
+    assert set(entry) == {"adapter_name", "target", "method", "adapter_keys", "training_state"}
+    layers = svd_layers(uninterrupted.model)
+    assert set(entry["training_state"]) == {"total_step"} | {
+        f"{name}.{key}"
+        for name in layers
+        for key in ["rank_mask"]
+        + [f"{a}.{e}" for a in ("lora_A", "lora_E", "lora_B") for e in adalora_module._EMA_NAMES]
+    }
+    assert entry["training_state"]["total_step"] == RESUME_STEPS
+    _assert_same_state(entry["training_state"], full_states[RESUME_AT - 1], RESUME_AT)
+
+    _assert_same_state(resumed_run.restored, full_states[RESUME_AT - 1], RESUME_AT)  # EMAs and masks restored
+    assert len(uninterrupted.losses) == RESUME_STEPS and len(first.losses) == RESUME_AT
+    assert first.losses + resumed.losses == uninterrupted.losses  # bit-identical trajectory after step K
+    for step, (actual, expected) in enumerate(zip(resumed_run.states, full_states[RESUME_AT:], strict=True)):
+        _assert_same_state(actual, expected, RESUME_AT + 1 + step)  # EMAs and masks, step by step
+    for key, value in uninterrupted.model.state_dict().items():  # incl. the masked (zero) entries of E
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    ranks = {n: layer.rank_pattern("default") for n, layer in layers.items()}
+    assert {n: layer.rank_pattern("default") for n, layer in svd_layers(resumed.model).items()} == ranks
+    assert sum(map(sum, ranks.values())) == 4 * 2 and not all(map(all, ranks.values()))
+
+
+def test_checkpoint_without_training_state_still_resumes_with_a_warning(tmp_path: Path) -> None:
+    _fit_adalora(tmp_path, max_epochs=1, dirpath=tmp_path / "ckpt")
+    old = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    del old["lightning_peft"]["training_state"]  # as written before the hook existed
+    torch.save(old, tmp_path / "old.ckpt")
+    with pytest.warns(UserWarning, match="importance statistics .* restart from zero"):
+        resumed, _ = _fit_adalora(tmp_path, max_epochs=3, ckpt_path=str(tmp_path / "old.ckpt"))
+    assert len(resumed.losses) == RESUME_STEPS - RESUME_AT
+    kept = sum(
+        int(torch.count_nonzero(layer.lora_E["default"])) for layer in svd_layers(resumed.model).values()
+    )
+    assert kept == 4 * 2  # the allocation still ends at target_r per layer
+
+
+def test_training_state_of_unknown_modules_is_refused_and_of_other_shapes_restarts() -> None:
+    method = AdaLoRA(target_modules=["q_proj"], init_r=4, target_r=2)
+    model = inject(tiny_llama(), method)
+    with pytest.raises(ValueError, match="modules this model does not adapt"):
+        method.load_training_state(
+            model, "default", {"model.layers.0.self_attn.v_proj.rank_mask": torch.ones(4)}
+        )
+    q = "model.layers.0.self_attn.q_proj.lora_E"
+    wrong = {f"{q}.exp_avg_ipt": torch.ones(3, 1), f"{q}.exp_avg_unc": torch.ones(3, 1)}
+    with pytest.warns(UserWarning, match=r"q_proj.lora_E has shape \(3, 1\).*statistics restart"):
+        method.load_training_state(model, "default", wrong)
+    assert "default" not in svd_layers(model)["model.layers.0.self_attn.q_proj"].importance
 
 
 # --- parity with Hugging Face peft ----------------------------------------------------------------------------
