@@ -56,27 +56,3 @@ def train_step_flops(
     )
     per_token = 6 * linear_params if full else 4 * linear_params + 6 * adapter_params
     return tokens * per_token + 3 * attention
-
-
-def inference_flops(
-    *,
-    linear_params: int,
-    adapter_params: int,
-    batch: int,
-    seq: int,
-    attn_dim: int,
-    layers: int,
-    extra_query: int = 0,
-    extra_key: int = 0,
-) -> int:
-    """FLOPs of one forward: ``2N + 2A`` per token plus attention (merged adapters: pass ``adapter_params=0``)."""
-    query_len = seq + extra_query
-    attention = attention_flops(
-        batch=batch, query_len=query_len, key_len=query_len + extra_key, attn_dim=attn_dim, layers=layers
-    )
-    return batch * query_len * 2 * (linear_params + adapter_params) + attention
-
-
-def ideal_ratio(method_flops: int, full_flops: int) -> float:
-    """The step-time ratio to full fine-tuning that the arithmetic alone predicts."""
-    return method_flops / full_flops

@@ -49,6 +49,25 @@ _ORIGINAL = "_lightning_peft_original"
 _OWNER = "_lightning_peft_owner"
 
 
+def report_parameter_counts(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, what: str
+) -> dict[str, float]:
+    """Count the module's parameters, print "lightning-peft: <what> trains N of M parameters (P%)" (the line
+    the benchmarks parse) and log them as ``peft/*`` metrics at step 0; returns the counts."""
+    counts = count_parameters(pl_module)
+    rank_zero_info(
+        f"lightning-peft: {what} trains {counts['trainable']:,} of {counts['total']:,} parameters "
+        f"({counts['trainable_percent']:.4f}%)"
+    )
+    metrics = {
+        f"peft/{k}_params" if k != "trainable_percent" else "peft/trainable_percent": v
+        for k, v in counts.items()
+    }
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=0)
+    return counts
+
+
 class PEFTCallback(Callback):
     """Inject a PEFT method into a LightningModule, train only its parameters, checkpoint only them.
 
@@ -243,15 +262,9 @@ class PEFTCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model = self.target_module(pl_module)
         prepare_gradient_checkpointing(model)
-        self.parameter_counts = count_parameters(pl_module)
-        counts = self.parameter_counts
-        rank_zero_info(
-            f"lightning-peft: {self.method.name} '{self.adapter_name}' trains {counts['trainable']:,} of "
-            f"{counts['total']:,} parameters ({counts['trainable_percent']:.4f}%)"
+        self.parameter_counts = report_parameter_counts(
+            trainer, pl_module, f"{self.method.name} '{self.adapter_name}'"
         )
-        for logger in trainer.loggers:
-            logger.log_metrics({f"peft/{k}_params" if k != "trainable_percent" else "peft/trainable_percent": v
-                                for k, v in counts.items()}, step=0)  # fmt: skip
         self._last_global_step = trainer.global_step
         total = trainer.estimated_stepping_batches
         self._total_steps = int(total) if math.isfinite(total) else None

@@ -58,8 +58,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleD
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from torch.optim import Optimizer
 
-from lightning_peft.callback import PEFTCallback
-from lightning_peft.core import count_parameters
+from lightning_peft.callback import PEFTCallback, report_parameter_counts
 from lightning_peft.datamodules import TextClassificationDataModule
 from lightning_peft.methods.base import PEFTMethod
 from lightning_peft.peft_format import save_adapter
@@ -172,14 +171,9 @@ class FullFineTuning(Callback):
         self.parameter_counts: dict[str, float] = {}
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.parameter_counts = counts = count_parameters(pl_module)
-        rank_zero_info(
-            f"lightning-peft: full fine-tuning (no PEFT method) trains {counts['trainable']:,} of "
-            f"{counts['total']:,} parameters ({counts['trainable_percent']:.4f}%)"
+        self.parameter_counts = report_parameter_counts(
+            trainer, pl_module, "full fine-tuning (no PEFT method)"
         )
-        for logger in trainer.loggers:
-            logger.log_metrics({f"peft/{k}_params" if k != "trainable_percent" else "peft/trainable_percent": v
-                                for k, v in counts.items()}, step=0)  # fmt: skip
 
 
 def peft_section(
