@@ -16,6 +16,7 @@ from torch import nn
 
 from lightning_peft import inject, load_adapter, save_adapter
 from lightning_peft.methods import IA3, AdaLoRA, LoRA, PrefixTuning, PromptTuning, PTuning
+from tests.peft_reference import reference_outputs
 from tests.tiny_models import tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch
 
 peft = pytest.importorskip("peft")
@@ -95,9 +96,7 @@ def randomise(module: nn.Module, seed: int) -> None:
 
 def outputs(model: nn.Module, family: str, method: str, from_peft: bool) -> torch.Tensor:
     ids = token_batch(batch=2, length=9)
-    mask = torch.ones_like(ids)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask).logits
+    logits = reference_outputs(model, input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     if from_peft and method in PROMPT_METHODS - {"prefix_tuning"} and family != "bert":
         logits = logits[:, N:]  # peft keeps the virtual positions in token-level outputs; ours drop them
     return logits

@@ -11,12 +11,18 @@ from transformers import (
     BertForSequenceClassification,
     DistilBertConfig,
     DistilBertForSequenceClassification,
+    GemmaConfig,
+    GemmaForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    PhiConfig,
+    PhiForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
     Qwen2Config,
@@ -64,6 +70,27 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     return seeded(
         GPT2LMHeadModel, GPT2Config, seed, vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64
     )
+
+
+def tiny_gemma(seed: int = 0) -> GemmaForCausalLM:
+    """Scaled embeddings, GeGLU, an explicit head_dim; grouped-query attention as in DECODER."""
+    return seeded(GemmaForCausalLM, GemmaConfig, seed, **DECODER, head_dim=16)
+
+
+def tiny_phi(seed: int = 0) -> PhiForCausalLM:
+    """Partial rotary embeddings, a parallel attention/MLP block, biases everywhere."""
+    return seeded(
+        PhiForCausalLM, PhiConfig, seed, vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+    )  # fmt: skip
+
+
+def tiny_opt(seed: int = 0) -> OPTForCausalLM:
+    """Learned positions counted from the attention mask (offset 2), pad id 1."""
+    return seeded(
+        OPTForCausalLM, OPTConfig, seed, vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64,
+    )  # fmt: skip
 
 
 def tiny_bert_classifier(

@@ -32,11 +32,11 @@ from typing import Any, ClassVar
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from lightning_peft.methods.base import AdapterLayer, PEFTMethod, adapter_layers
 from lightning_peft.methods.lora import DEFAULT_TARGETS
 from lightning_peft.targeting import find_targets, replace_module
+from lightning_peft.transformers_compat import Conv1D
 
 _SVD = ("lora_A", "lora_E", "lora_B")
 _PEFT_NAMES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}  # ours -> AdaLoraConfig's

@@ -28,11 +28,10 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
-from transformers.pytorch_utils import Conv1D
 
 from lightning_peft.methods.base import AdapterLayer, PEFTMethod
 from lightning_peft.targeting import TargetSpec, find_targets, replace_module
+from lightning_peft.transformers_compat import ACT2FN, Conv1D
 
 Sublayer = Literal["attention", "feed_forward"]
 #: How a bottleneck joins the wrapped module ``m``:

@@ -17,10 +17,10 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from lightning_peft.methods.base import AdapterLayer, PEFTMethod
 from lightning_peft.targeting import find_targets, replace_module
+from lightning_peft.transformers_compat import Conv1D
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: Layer types whose forward BitFit can run with a replacement bias.

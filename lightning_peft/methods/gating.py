@@ -23,7 +23,6 @@ their contribution depends on the input.
 
 from __future__ import annotations
 
-import inspect
 import weakref
 from dataclasses import dataclass
 from functools import partial
@@ -32,6 +31,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lightning_peft import transformers_compat as hf
 from lightning_peft.methods.adapter import Adapter, Bottleneck
 from lightning_peft.methods.base import AdapterLayer, adapter_layers
 from lightning_peft.methods.lora import LoRA, LoraLayer, LoraLinear
@@ -118,27 +118,22 @@ class GatedPrefixTuning(PrefixTuning):
 
 
 def attention_modules(host: nn.Module, num_layers: int, method: str) -> list[nn.Module]:
-    """The modules that read layer ``i``'s cache, by ``layer_idx``: the innermost ones with a ``past_key_values``.
+    """The modules that read layer ``i``'s cache (found by :func:`~lightning_peft.transformers_compat.attention_modules`).
 
     Raises:
         ValueError: they do not cover layers ``0 .. num_layers - 1`` exactly once.
     """
-    candidates = {
-        name: module
-        for name, module in host.named_modules()
-        if isinstance(getattr(module, "layer_idx", None), int)
-        and not isinstance(module, AdapterLayer)
-        and "past_key_values" in inspect.signature(module.forward).parameters
-    }
-    innermost = [m for n, m in candidates.items() if not any(o.startswith(n + ".") for o in candidates)]
-    by_layer = sorted(innermost, key=lambda m: m.layer_idx)
-    if [m.layer_idx for m in by_layer] != list(range(num_layers)):
+    found = hf.attention_modules(host, exclude=lambda m: isinstance(m, AdapterLayer))
+    indices = [hf.layer_index(m) for m in found]
+    if indices != list(range(num_layers)):
         raise ValueError(
-            f"{method} gates each layer's prefix in the attention module that reads it, found by its `layer_idx` "
-            f"and `past_key_values` argument; {type(host).__name__} has such modules for layers "
-            f"{[m.layer_idx for m in by_layer]}, expected 0..{num_layers - 1}. Use PrefixTuning for this model."
+            f"{method} gates each layer's prefix in the attention module that reads it: a module with an integer "
+            f"`layer_idx` whose forward takes the cache ({' or '.join(hf.CACHE_ARGUMENTS)}). "
+            f"{type(host).__name__} has such modules for layers {indices}, expected one for each of "
+            f"0..{num_layers - 1}. Give the attention modules `layer_idx` and a cache argument, or use "
+            "PrefixTuning (no gates) for this model."
         )
-    return by_layer
+    return found
 
 
 def sequence_gate(gates: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -149,12 +144,11 @@ def sequence_gate(gates: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
     return (gates * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
 
 
-def _argument(module: nn.Module, name: str, args: tuple, kwargs: dict) -> Any:
-    if name in kwargs:
-        return kwargs[name]
-    params = list(inspect.signature(module.forward).parameters)
-    index = params.index(name) if name in params else len(args)
-    return args[index] if index < len(args) else None
+def _hidden_states(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    # Named otherwise, or positional: the first argument, as in every transformers attention module.
+    return args[0] if args else next(iter(kwargs.values()))
 
 
 def _gate_prefix(host_ref: weakref.ref, attention: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -167,17 +161,18 @@ def _gate_prefix(host_ref: weakref.ref, attention: nn.Module, args: tuple, kwarg
     adapter_name = tokens.active_adapter()
     if adapter_name is None or adapter_name not in tokens.prefix_gates:
         return
-    cache = _argument(attention, "past_key_values", args, kwargs)
+    cache = hf.module_cache(attention, args, kwargs)
     n = tokens.specs[adapter_name].num_virtual_tokens
     if getattr(cache, CACHE_TAG, None) != (adapter_name, n):
         return
-    layer = getattr(cache, "self_attention_cache", cache).layers[attention.layer_idx]
-    if layer.get_seq_length() != n:  # a continuing call: the prefix was gated in the call that wrote it
+    index = hf.layer_index(attention)
+    if (
+        hf.cache_length(cache, index) != n
+    ):  # a continuing call: the prefix was gated in the call that wrote it
         return
-    hidden = _argument(attention, "hidden_states", args, kwargs)  # (B, T, d)
-    if hidden is None:  # named otherwise: the first argument, as in every transformers attention module
-        hidden = args[0] if args else next(iter(kwargs.values()))
-    gate = tokens.prefix_gates[adapter_name][attention.layer_idx]
+    hidden = _hidden_states(attention, args, kwargs)  # (B, T, d)
+    gate = tokens.prefix_gates[adapter_name][index]
     g = sequence_gate(gate(hidden), getattr(cache, INPUT_MASK_TAG, None))  # (B, 1)
-    g = g.view(-1, 1, 1, 1).to(layer.keys.dtype)  # one factor per sequence on its (n_kv_heads, n, head_dim)
-    layer.keys, layer.values = layer.keys * g, layer.values * g
+    keys, values = hf.cache_key_values(cache, index)
+    g = g.view(-1, 1, 1, 1).to(keys.dtype)  # one factor per sequence on its (n_kv_heads, n, head_dim)
+    hf.set_cache_key_values(cache, index, keys * g, values * g)

@@ -16,10 +16,10 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from lightning_peft.methods.base import AdapterLayer, PEFTMethod
 from lightning_peft.targeting import find_targets, name_matches, replace_module
+from lightning_peft.transformers_compat import Conv1D
 
 #: Defaults per transformers ``model_type``: keys, values and the feed-forward down-projection (the paper's
 #: choice; peft's table, except that peft scales q instead of k for Qwen2).

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from lightning_peft.methods.base import ModulesToSave, PEFTMethod
 from lightning_peft.methods.lora_layers import (  # the layers, also importable from here as before
@@ -36,6 +35,7 @@ from lightning_peft.methods.lora_layers import (  # the layers, also importable 
     lora_layer_type,
 )
 from lightning_peft.targeting import find_targets, pattern_value, replace_module
+from lightning_peft.transformers_compat import Conv1D
 
 __all__ = [
     "DEFAULT_TARGETS", "LAYER_RESOLVERS", "LAYER_TYPES", "InitOption", "LoRA", "LoraConv", "LoraEmbedding", "LoraLayer", "LoraLinear",

@@ -14,10 +14,10 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from lightning_peft.methods.base import AdapterLayer, NotMergeableError
 from lightning_peft.methods.lora_kernels import FusedDoraLinear, FusedLoraLinear
+from lightning_peft.transformers_compat import Conv1D
 
 InitOption = bool | Literal["gaussian", "pissa"] | str
 

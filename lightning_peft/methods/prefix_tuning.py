@@ -2,7 +2,7 @@
 https://arxiv.org/abs/2110.07602).
 
 Both give every attention layer ``n`` trained keys and values that each query attends to before the real
-tokens ("deep" prompts), handed to the model as ``past_key_values`` so that its own attention code (grouped-query
+tokens ("deep" prompts), handed to the model as its key/value cache so that its own attention code (grouped-query
 heads, rotary embeddings on the real tokens, masks) runs unchanged. Li & Liang found optimising the prefix
 directly unstable and reparametrise it through an MLP, ``P = MLP(E)``, ``E: (n, d)``; P-Tuning v2 trains the
 per-layer prefixes directly and targets classification and token-level tasks with encoder models.
@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lightning_peft import transformers_compat as hf
 from lightning_peft.methods.base import PEFTMethod
 from lightning_peft.methods.prompting import (
     PromptLearningMethod,
@@ -159,23 +160,22 @@ class _PrefixMethod(PromptLearningMethod):
 @torch.no_grad()
 def real_word_prefix(host: nn.Module, token_ids: torch.Tensor, spec: VirtualTokenSpec) -> torch.Tensor:
     """The flat prefix ``(n, width)`` holding the model's own keys/values for ``token_ids`` (positions 0..n-1)."""
-    from transformers import DynamicCache
-
     embedding = host.get_input_embeddings()
     prompts_were = embedding.disabled if isinstance(embedding, VirtualTokens) else None
     if prompts_were is not None:  # another soft-prompt adapter must not shift the words
         embedding.disabled = True
     was_training = host.training
     host.eval()
-    config = getattr(host, "config", None)
-    cache = DynamicCache(config=config) if hasattr(config, "get_text_config") else DynamicCache()
+    cache = hf.new_cache(getattr(host, "config", None))
+    inputs = {"input_ids": token_ids.unsqueeze(0), "use_cache": True}
+    hf.set_call_cache(host, inputs, cache)
     try:
-        host(input_ids=token_ids.unsqueeze(0), past_key_values=cache, use_cache=True)
+        host(**inputs)
     finally:
         host.train(was_training)
         if prompts_were is not None:
             embedding.disabled = prompts_were
-    key_values = [(cache.layers[i].keys, cache.layers[i].values) for i in range(spec.num_layers)]
+    key_values = [hf.cache_key_values(cache, i) for i in range(spec.num_layers)]
     expected = (1, spec.num_kv_heads, len(token_ids), spec.head_dim)
     if any(tuple(t.shape) != expected for kv in key_values for t in kv):
         raise ValueError(

@@ -6,7 +6,7 @@ the active adapter from the :class:`~lightning_peft.methods.virtual_tokens.Virtu
 
 * prompt kind: prepends the ``n`` prompts to the input embeddings, pads token-level ``labels`` with -100 and
   ``token_type_ids`` with 0;
-* prefix kind: writes each layer's ``n`` keys/values into ``past_key_values`` (a new ``DynamicCache``, or the
+* prefix kind: writes each layer's ``n`` keys/values into the cache argument (a new dynamic cache, or the
   empty one ``generate`` passes); the model's own attention then attends to them first, with its own grouped-query
   heads and rotary embeddings (applied to the real tokens only, as for any cached keys);
 * both: extend ``attention_mask`` with ``n`` ones and shift ``position_ids`` by ``n``.
@@ -27,7 +27,7 @@ pooler that reads position 0 (BERT's) reads the first virtual token.
 Generation: a call with no cache (or an empty one) gets the virtual tokens; the cache it returns is tagged, and a
 call continuing from a tagged cache only extends the mask and shifts positions, since the cache already holds
 the virtual tokens. A non-empty cache that was not produced with the adapter is refused. The post-hook also
-checks that every attention layer read the prefix, so a model that ignores ``past_key_values`` fails loudly.
+checks that every attention layer read the prefix, so a model that ignores the cache fails loudly.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_peft import transformers_compat as hf
 from lightning_peft.methods.virtual_tokens import VirtualTokens, VirtualTokenSpec
 
 CACHE_TAG = "_lightning_peft_virtual_tokens"
@@ -49,7 +50,7 @@ _HOOKS_ATTR = "_lightning_peft_prompt_hooks"
 _CALLS = threading.local()  # the pre-hook's record of each call, for the post-hook (per thread: DataParallel)
 _TOKEN_LEVEL_2D = ("start_logits", "end_logits")
 CHECKPOINTING_ERROR = (
-    "{method} hands the prefix to the attention layers as past_key_values, which transformers drops under gradient "
+    "{method} hands the prefix to the attention layers in the key/value cache, which transformers drops under gradient "
     "checkpointing. Disable gradient checkpointing, or use PromptTuning/PTuning."
 )
 
@@ -101,7 +102,7 @@ def _before_forward(host: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, 
     if layer.specs[adapter_name].kind == "prefix" and host.training and checkpointing(host):
         raise RuntimeError(CHECKPOINTING_ERROR.format(method="The prefix adapter"))
     args, kwargs = _keyword_arguments(host, args, dict(kwargs))
-    _calls()[id(host)] = rewrite_inputs(layer, adapter_name, kwargs, getattr(host, "config", None))
+    _calls()[id(host)] = rewrite_inputs(layer, adapter_name, kwargs, host)
     return args, kwargs
 
 
@@ -117,15 +118,16 @@ def _keyword_arguments(host: nn.Module, args: tuple, kwargs: dict) -> tuple[tupl
     return args[named:], kwargs
 
 
-def rewrite_inputs(layer: VirtualTokens, adapter_name: str, kwargs: dict, config: Any = None) -> _Call:
-    """Give one call's inputs (``kwargs``, changed in place) the adapter's virtual tokens."""
+def rewrite_inputs(layer: VirtualTokens, adapter_name: str, kwargs: dict, host: nn.Module) -> _Call:
+    """Give one call of ``host`` (its ``kwargs``, changed in place) the adapter's virtual tokens."""
+    config = getattr(host, "config", None)
     spec = layer.specs[adapter_name]
     n = spec.num_virtual_tokens
     input_ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
     if input_ids is None and embeds is None:
         raise ValueError("Soft-prompt methods need input_ids or inputs_embeds in the call.")
     batch, length = (input_ids if input_ids is not None else embeds).shape[:2]
-    cache = kwargs.get("past_key_values")
+    cache = hf.call_cache(kwargs)
     continuing = _holds_virtual_tokens(cache, adapter_name, n)
     call = _Call(adapter_name, spec, length, prepended=spec.kind == "prompt" and not continuing)
 
@@ -136,7 +138,7 @@ def rewrite_inputs(layer: VirtualTokens, adapter_name: str, kwargs: dict, config
             "Pass the 2-D padding mask and let the model build its attention mask."
         )
     if mask is None and spec.kind == "prefix":  # encoders size their mask from it: make the prefix visible
-        seen = cache.get_seq_length() - n if continuing else 0  # what the caller has seen: without the prefix
+        seen = hf.cache_length(cache) - n if continuing else 0  # what the caller has seen: without the prefix
         device = (input_ids if input_ids is not None else embeds).device
         mask = torch.ones(batch, seen + length, dtype=torch.long, device=device)
     if mask is not None:
@@ -149,9 +151,7 @@ def rewrite_inputs(layer: VirtualTokens, adapter_name: str, kwargs: dict, config
         call.length = n + length
     elif spec.kind == "prefix" and not continuing:
         if cache is None:
-            from transformers import DynamicCache
-
-            cache = DynamicCache(config=config) if hasattr(config, "get_text_config") else DynamicCache()
+            cache = hf.new_cache(config)
             use_cache = kwargs.get("use_cache")  # transformers defaults it to config.use_cache
             call.drop_cache = not (getattr(config, "use_cache", False) if use_cache is None else use_cache)
         dtype = embeds.dtype if embeds is not None else layer.weight.dtype
@@ -159,7 +159,8 @@ def rewrite_inputs(layer: VirtualTokens, adapter_name: str, kwargs: dict, config
             cache.update(key, value, index)  # (B, n_kv_heads, n, head_dim) per layer
         setattr(cache, CACHE_TAG, (adapter_name, n))
         setattr(cache, INPUT_MASK_TAG, mask)
-        kwargs["past_key_values"] = call.prefix_cache = cache
+        hf.set_call_cache(host, kwargs, cache)
+        call.prefix_cache = cache
     return call
 
 
@@ -186,12 +187,12 @@ def _prepend_prompts(layer: VirtualTokens, adapter_name: str, kwargs: dict, batc
 
 def _holds_virtual_tokens(cache: Any, adapter_name: str, n: int) -> bool:
     """Whether ``cache`` continues a call that already got this adapter's virtual tokens."""
-    if cache is None or not hasattr(cache, "get_seq_length") or cache.get_seq_length() == 0:
+    if cache is None or not hf.is_cache(cache) or hf.cache_length(cache) == 0:
         return False
     tag = getattr(cache, CACHE_TAG, None)
     if tag != (adapter_name, n):
         raise ValueError(
-            "past_key_values holds tokens but was not produced with this soft-prompt adapter "
+            "The cache holds tokens but was not produced with this soft-prompt adapter "
             f"('{adapter_name}', {n} virtual tokens; cache tag {tag}): its positions would not line up with the "
             "virtual tokens. Start from no cache (or an empty one), as generate() does."
         )
@@ -224,11 +225,11 @@ def _after_forward(host: nn.Module, args: tuple, kwargs: dict, output: Any) -> A
         _check_prefix_used(host, call)
     if call.prepended:
         output = drop_virtual_positions(output, call.spec.num_virtual_tokens, call.length)
-    cache = _cache_of(output)
+    cache = hf.output_cache(output)
     if cache is not None:
         if call.drop_cache and hasattr(output, "keys"):
-            output["past_key_values"] = None
-        elif hasattr(cache, "get_seq_length"):
+            hf.set_output_cache(output, None)
+        elif hf.is_cache(cache):
             setattr(cache, CACHE_TAG, (call.adapter_name, call.spec.num_virtual_tokens))
     return output
 
@@ -236,14 +237,14 @@ def _after_forward(host: nn.Module, args: tuple, kwargs: dict, output: Any) -> A
 def _check_prefix_used(host: nn.Module, call: _Call) -> None:
     cache, spec = call.prefix_cache, call.spec
     expected = spec.num_virtual_tokens + call.length
-    seen = [cache.get_seq_length(i) for i in range(spec.num_layers)]
+    seen = [hf.cache_length(cache, i) for i in range(spec.num_layers)]
     if any(s != expected for s in seen):
         raise RuntimeError(
-            f"{type(host).__name__} did not use the prefix in every attention layer: past_key_values layers hold "
+            f"{type(host).__name__} did not use the prefix in every attention layer: the cache's layers hold "
             f"{seen} tokens after the call, expected {expected} ({spec.num_virtual_tokens} prefix + "
             f"{call.length} inputs) in each of {spec.num_layers} layers. Prefix methods need attention layers that "
-            "call past_key_values.update(key, value, layer_idx) (DistilBERT's do not), and no gradient "
-            "checkpointing (transformers then drops past_key_values). Use PromptTuning/PTuning for this model."
+            "call cache.update(key, value, layer_idx) (DistilBERT's do not), and no gradient "
+            "checkpointing (transformers then drops the cache). Use PromptTuning/PTuning for this model."
         )
 
 
@@ -266,7 +267,7 @@ def drop_virtual_positions(output: Any, n: int, length: int) -> Any:
         return cut(output)
     for key in list(output.keys()):
         value = output[key]
-        if key == "past_key_values" or value is None:
+        if hf.is_cache_field(key) or value is None:
             continue
         output[key] = (
             cut_queries(value)
@@ -274,11 +275,3 @@ def drop_virtual_positions(output: Any, n: int, length: int) -> Any:
             else cut(value, 2 if key in _TOKEN_LEVEL_2D else 3)
         )
     return output
-
-
-def _cache_of(output: Any) -> Any:
-    if hasattr(output, "keys"):
-        return output.get("past_key_values")
-    if isinstance(output, tuple):  # return_dict=False
-        return next((v for v in output if hasattr(v, "get_seq_length")), None)
-    return None

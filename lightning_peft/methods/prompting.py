@@ -1,7 +1,7 @@
 """The soft-prompt methods' base: the model contract, injection, and the peft file format.
 
 Prompt Tuning and P-Tuning prepend ``n`` trained vectors to the input embeddings; Prefix Tuning and P-Tuning v2
-give every attention layer ``n`` trained keys and values through ``past_key_values``. Neither changes a weight,
+give every attention layer ``n`` trained keys and values through the model's key/value cache. Neither changes a weight,
 so no attention code is copied and no model needs a subclass: :class:`PromptLearningMethod` wraps the input
 embedding in a :class:`~lightning_peft.methods.virtual_tokens.VirtualTokens` layer that owns the prompt encoder,
 and :mod:`lightning_peft.methods.prompt_hooks` rewrites each call (masks, labels, positions, caches, outputs; the
@@ -13,8 +13,9 @@ Contract for a custom ``nn.Module`` (transformers models satisfy it):
 * ``forward`` takes its inputs as keyword arguments ``input_ids`` or ``inputs_embeds`` ``(B, T, dim)`` (prompt
   methods call it with ``inputs_embeds``) and, when the caller gives them, ``attention_mask`` ``(B, T)`` with 1
   for real tokens, ``position_ids``, ``token_type_ids``, ``labels``;
-* prefix methods: ``forward`` accepts ``past_key_values`` (a transformers ``Cache``), attention layer ``i`` calls
-  ``past_key_values.update(key, value, i)`` with ``(B, n_kv_heads, T, head_dim)`` tensors and attends over the
+* prefix methods: ``forward`` accepts the cache (a transformers ``Cache``, under the name the installed release uses:
+  :mod:`lightning_peft.transformers_compat`), attention layer ``i`` calls
+  ``cache.update(key, value, i)`` with ``(B, n_kv_heads, T, head_dim)`` tensors and attends over the
   keys it returns, and the model's ``config`` has ``num_hidden_layers`` and ``num_attention_heads`` (plus
   ``num_key_value_heads``/``head_dim`` where they differ from the defaults) - or the method is given
   ``num_layers``, ``num_key_value_heads``, ``head_dim``.
@@ -32,6 +33,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from lightning_peft import transformers_compat as hf
 from lightning_peft.methods.base import PEFTMethod
 from lightning_peft.methods.prompt_hooks import CHECKPOINTING_ERROR, checkpointing, install_hooks
 from lightning_peft.methods.virtual_tokens import VirtualTokens, VirtualTokenSpec, virtual_tokens_layer
@@ -155,8 +157,18 @@ class PromptLearningMethod(PEFTMethod):
     # --- injection ------------------------------------------------------------------------------------------
     def inject_layers(self, model: nn.Module, adapter_name: str) -> None:
         host = find_host(model, self.name)
-        needs = ("inputs_embeds",) if self.kind == "prompt" else ("past_key_values", "attention_mask")
-        check_forward_accepts(host, needs, self.name)
+        if self.kind == "prefix":
+            hf.check_cache_api(host, self.name)
+            if hf.cache_argument(host) is None:
+                raise ValueError(
+                    f"{self.name} hands the prefix to {type(host).__name__}.forward as its key/value cache, but it "
+                    f"does not accept a cache argument ({' or '.join(hf.CACHE_ARGUMENTS)}). Add one that the "
+                    "attention layers read (the contract is in lightning_peft.methods.prompting), or use "
+                    "PromptTuning/PTuning for this model."
+                )
+            check_forward_accepts(host, ("attention_mask",), self.name)
+        else:
+            check_forward_accepts(host, ("inputs_embeds",), self.name)
         if self.kind == "prefix" and checkpointing(host):
             raise ValueError(CHECKPOINTING_ERROR.format(method=self.name))
         embedding = host.get_input_embeddings()

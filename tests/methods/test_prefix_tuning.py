@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 from lightning_peft import count_parameters, disable_adapters, inject
+from lightning_peft import transformers_compat as hf
 from lightning_peft.methods import PrefixTuning, PTuningV2
 from lightning_peft.methods.prefix_tuning import PrefixEncoder
 from lightning_peft.methods.virtual_tokens import virtual_tokens_layer
@@ -106,7 +106,7 @@ def test_output_at_init_is_the_model_reading_the_defined_prefix(kind):
         # (n, layers * 2 * kv_heads * head_dim) -> per layer (1, kv_heads=2, n, head_dim=16): grouped-query caches
         per_layer = flat.view(N, 4, 2, 16).permute(1, 2, 0, 3)
         batch = next_token_task(model, length=5)
-        cache = DynamicCache(config=model.config)
+        cache = hf.new_cache(model.config)
         for layer in range(2):  # (kv_heads, n, head_dim) -> (B, kv_heads, n, head_dim)
             cache.update(
                 per_layer[2 * layer].expand(4, -1, -1, -1),
@@ -114,7 +114,9 @@ def test_output_at_init_is_the_model_reading_the_defined_prefix(kind):
                 layer,
             )
         with disable_adapters(model):
-            expected = model(**batch, past_key_values=cache, attention_mask=torch.ones(4, N + 5)).logits
+            expected = model(
+                **batch, **{hf.cache_argument(model): cache}, attention_mask=torch.ones(4, N + 5)
+            ).logits
         out = model(**batch)
     torch.testing.assert_close(out.logits, expected, atol=0, rtol=0)
 
@@ -138,17 +140,19 @@ def test_generation_cache_holds_the_prefix_once():
     seq = sequences((5,))[0][None]
     out = model.generate(seq, max_new_tokens=3, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
     # prefix + prompt + the generated tokens that were fed back (the last one is never fed)
-    assert out.past_key_values.get_seq_length() == N + 5 + 2
+    assert hf.output_cache(out).get_seq_length() == N + 5 + 2
     with torch.no_grad():
         uncached = model(input_ids=seq, use_cache=False)
         cached = model(input_ids=seq)  # use_cache defaults to config.use_cache, as for the base model
-    assert uncached.past_key_values is None  # the cache made for the prefix is not returned unless asked for
-    assert cached.past_key_values.get_seq_length() == N + 5
+    assert hf.output_cache(uncached) is None  # the cache made for the prefix is not returned unless asked for
+    assert hf.output_cache(cached).get_seq_length() == N + 5
     # a manual decoding step continues from it: the mask and positions account for the prefix
     next_id = cached.logits[:, -1:].argmax(-1)
     with torch.no_grad():
         step = model(
-            input_ids=next_id, past_key_values=cached.past_key_values, attention_mask=torch.ones(1, 6)
+            input_ids=next_id,
+            **{hf.cache_argument(model): hf.output_cache(cached)},
+            attention_mask=torch.ones(1, 6),
         )
         full = model(input_ids=torch.cat([seq, next_id], dim=1))
     torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], atol=1e-5, rtol=0)
@@ -180,7 +184,7 @@ def test_custom_module_without_cache_geometry_gets_a_clear_error():
         def get_input_embeddings(self) -> nn.Module:
             return self.tokens
 
-        def forward(self, input_ids=None, attention_mask=None, past_key_values=None):
+        def forward(self, input_ids=None, attention_mask=None, cache=None):
             return self.tokens(input_ids)
 
     with pytest.raises(ValueError, match=r"cannot tell \['num_layers', 'num_key_value_heads', 'head_dim'\]"):
@@ -190,7 +194,7 @@ def test_custom_module_without_cache_geometry_gets_a_clear_error():
         def forward(self, input_ids=None, attention_mask=None):
             return self.tokens(input_ids)
 
-    with pytest.raises(ValueError, match=r"does not accept \['past_key_values'\]"):
+    with pytest.raises(ValueError, match=r"does not accept a cache argument \(cache or past_key_values\)"):
         inject(NoCache(), PTuningV2(num_virtual_tokens=N, num_layers=1, num_key_value_heads=1, head_dim=16))
 
 

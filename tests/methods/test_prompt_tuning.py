@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lightning_peft import disable_adapters, inject, unload
+from lightning_peft import transformers_compat as hf
 from lightning_peft.methods import PromptTuning
 from lightning_peft.methods.virtual_tokens import VirtualTokens, virtual_tokens_layer
 from tests.methods.prompt_helpers import (
@@ -153,9 +154,9 @@ def test_a_cache_from_elsewhere_is_refused():
     model = build("llama", method())
     ids = sequences((5,))[0][None]
     with torch.no_grad(), disable_adapters(model):
-        foreign = model(input_ids=ids, use_cache=True).past_key_values
+        foreign = hf.output_cache(model(input_ids=ids, use_cache=True))
     with pytest.raises(ValueError, match="not produced with this soft-prompt adapter"):
-        model(input_ids=ids[:, -1:], past_key_values=foreign)
+        model(input_ids=ids[:, -1:], **{hf.cache_argument(model): foreign})
 
 
 class TinyLM(nn.Module):

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
 
 from lightning_peft import count_parameters, disable_adapters, inject, unload
+from lightning_peft import transformers_compat as hf
 from lightning_peft.core import injection_record
 from lightning_peft.methods import NotMergeableError, UniPELT
 from lightning_peft.methods.adapter import BottleneckLayer
@@ -104,7 +104,7 @@ def test_prefix_keys_and_values_are_scaled_per_sequence_by_a_gate_on_the_attenti
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask).logits
         spec = tokens.specs["default"]
-        cache = DynamicCache(config=model.config)
+        cache = hf.new_cache(model.config)
         for i, (key, value) in enumerate(prefix_key_values(tokens.virtual_tokens("default"), spec, 2)):
             per_token = sigmoid_gate(tokens.prefix_gates["default"][i], inputs[i])  # (B, T, 1)
             g = (per_token * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # (B, 1)
@@ -112,7 +112,9 @@ def test_prefix_keys_and_values_are_scaled_per_sequence_by_a_gate_on_the_attenti
             cache.update(key * g.view(2, 1, 1, 1), value * g.view(2, 1, 1, 1), i)
         with disable_adapters(model):
             expected = model(
-                input_ids=ids, attention_mask=torch.cat([torch.ones(2, N), mask], 1), past_key_values=cache
+                input_ids=ids,
+                attention_mask=torch.cat([torch.ones(2, N), mask], 1),
+                **{hf.cache_argument(model): cache},
             )
     torch.testing.assert_close(out, expected.logits, atol=1e-5, rtol=0)
 
