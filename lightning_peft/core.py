@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lightning_peft import transformers_compat as hf
 from lightning_peft.methods.base import (
     AdapterLayer,
     ModulesToSave,
@@ -183,18 +184,12 @@ def _refuse_sharded(model: nn.Module) -> None:
 def prepare_gradient_checkpointing(model: nn.Module) -> None:
     # With reentrant checkpointing and a frozen embedding, no input requires grad and the adapters inside the
     # checkpointed blocks would get no gradient; making the embedding output require grad fixes it (as peft does).
+    if not hf.activation_checkpointing(model):
+        return
     for module in model.modules():
-        if _checkpointing_enabled(module) and hasattr(module, "enable_input_require_grads"):
+        if hasattr(module, "enable_input_require_grads"):
             module.enable_input_require_grads()
             return
-
-
-def _checkpointing_enabled(module: nn.Module) -> bool:
-    # transformers 5 renamed the flag; read the new one where it exists (the old one warns).
-    for flag in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(module), flag):
-            return bool(getattr(module, flag))
-    return False
 
 
 def set_adapter(model: nn.Module, adapter_name: str) -> None:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn.modules.linear import Linear as TorchLinear  # real even while Lightning patches nn.Linear
 
+from lightning_peft import transformers_compat as hf
 from lightning_peft.targeting import find_targets, name_matches, output_head_names, replace_module
 
 
@@ -238,17 +239,7 @@ def prepare_model_for_kbit_training(model: nn.Module) -> nn.Module:
 
 def set_gradient_checkpointing(model: nn.Module, enabled: bool, use_reentrant: bool = True) -> None:
     """Switch activation checkpointing of a transformers model on or off."""
-    if enabled and hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
-        model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": use_reentrant}
-        )
-    elif enabled and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
-    elif not enabled and hasattr(model, "activation_checkpointing_disable"):
-        model.activation_checkpointing_disable()
-    elif not enabled and hasattr(model, "gradient_checkpointing_disable"):
-        model.gradient_checkpointing_disable()
-    else:
+    if not hf.set_activation_checkpointing(model, enabled, use_reentrant):
         raise ValueError(
             f"QLoRA gradient_checkpointing={enabled}: {type(model).__name__} is not a transformers model; switch "
             "checkpointing in its own code and leave gradient_checkpointing=None."

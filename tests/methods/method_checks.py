@@ -31,6 +31,7 @@ from lightning_peft import (
     unload,
     unmerge,
 )
+from lightning_peft import transformers_compat as hf
 from lightning_peft.core import adapter_state_keys
 from lightning_peft.methods import NotMergeableError, PEFTMethod
 from lightning_peft.methods.base import AdapterLayer, ModulesToSave
@@ -218,7 +219,7 @@ def assert_named_adapters_switch(
 
 
 def _enable_checkpointing(model: nn.Module, use_reentrant: bool) -> None:
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    assert hf.set_activation_checkpointing(model, True, use_reentrant=use_reentrant)
 
 
 def checkpointing_grads(

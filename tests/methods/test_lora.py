@@ -27,6 +27,7 @@ from lightning_peft import (
     unload,
     unmerge,
 )
+from lightning_peft import transformers_compat as hf
 from lightning_peft.core import adapter_state_keys
 from lightning_peft.methods import LoRA, ModulesToSave
 from lightning_peft.methods.base import AdapterLayer
@@ -243,11 +244,7 @@ def test_unload_restores_the_base_model_exactly(case: Case) -> None:
 
 
 def _enable_checkpointing(model: nn.Module, use_reentrant: bool) -> None:
-    kwargs = {"use_reentrant": use_reentrant}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:  # pragma: no cover
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    assert hf.set_activation_checkpointing(model, True, use_reentrant=use_reentrant)
 
 
 def _llama_grads(checkpointing: str) -> tuple[dict[str, torch.Tensor], int]:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lightning_peft import count_parameters, inject
+from lightning_peft import transformers_compat as hf
 from lightning_peft.core import injection_record
 from lightning_peft.methods import MAMAdapter, PrefixTuning
 from lightning_peft.methods.adapter import BottleneckLayer
@@ -119,7 +120,7 @@ def test_generation_combines_the_prefix_and_adapter_with_the_cache() -> None:
 
 def test_gradient_checkpointing_is_refused_as_for_prefix_tuning() -> None:
     model = tiny_llama()
-    model.activation_checkpointing_enable()
+    assert hf.set_activation_checkpointing(model, True)
     with pytest.raises(ValueError, match="gradient checkpointing"):
         inject(model, MAMAdapter(prefix_length=4))
     assert injection_record(model) is None and checks.adapter_layers(model) == []

@@ -29,6 +29,7 @@ from lightning_peft import (
     save_adapter,
     unload,
 )
+from lightning_peft import transformers_compat as hf
 from lightning_peft.core import adapter_state_keys
 from lightning_peft.methods import LoRA, NotMergeableError, QLoRA
 from lightning_peft.methods.base import method_for_peft_type
@@ -176,7 +177,7 @@ def test_only_lora_parameters_train_and_the_loss_decreases() -> None:
 
 
 def _enable_checkpointing(model: nn.Module, use_reentrant: bool) -> None:
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    assert hf.set_activation_checkpointing(model, True, use_reentrant=use_reentrant)
 
 
 def _grads(checkpointing: str) -> tuple[dict[str, torch.Tensor], int]:
