@@ -30,18 +30,20 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_peft.core import (
     adapter_state_keys,
+    clean_key,
     count_parameters,
     inject,
     injection_record,
     merge,
     prepare_gradient_checkpointing,
+    state_dict_key,
 )
-from lightning_peft.methods.base import PEFTMethod
+from lightning_peft.methods.base import ModulesToSave, PEFTMethod
 
 CHECKPOINT_KEY = "lightning_peft"
 _PATCHED_HOOKS = ("configure_model", "configure_optimizers", "on_save_checkpoint", "on_load_checkpoint")
@@ -115,6 +117,7 @@ class PEFTCallback(Callback):
         self.parameter_counts: dict[str, float] = {}
         self._last_global_step = -1
         self._total_steps: int | None = None
+        self._gradients_checked = False
 
     @property
     def state_key(self) -> str:
@@ -137,8 +140,21 @@ class PEFTCallback(Callback):
         return f"{self.target}." if self.target else ""
 
     def adapter_keys(self, pl_module: pl.LightningModule) -> list[str]:
-        """Checkpoint keys (relative to the LightningModule) of every adapter tensor."""
+        """Checkpoint keys (relative to the LightningModule, without wrapper segments) of every adapter tensor."""
         return [self._prefix() + k for k in adapter_state_keys(self.target_module(pl_module))]
+
+    def checkpoint_keys(self, pl_module: pl.LightningModule) -> list[str]:
+        """What an adapter-only checkpoint holds: the adapter's tensors and every other tensor that trains.
+
+        A trainable module beside the target (a user's head next to ``target="backbone"``) trains, so it is
+        saved; keys are compared without wrapper segments (``_orig_mod.`` of a compiled submodule, ...).
+        """
+        keys = self.adapter_keys(pl_module)
+        known = set(keys)
+        keys += [
+            k for n, p in pl_module.named_parameters() if p.requires_grad and (k := clean_key(n)) not in known
+        ]
+        return list(dict.fromkeys(keys))
 
     # --- setup: wrap the module's hooks ----------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -226,7 +242,7 @@ class PEFTCallback(Callback):
         self, pl_module: pl.LightningModule, original: Callable[..., Any], checkpoint: dict
     ) -> None:
         original(checkpoint)
-        keys = self.adapter_keys(pl_module)
+        keys = self.checkpoint_keys(pl_module)
         checkpoint[CHECKPOINT_KEY] = {
             "adapter_name": self.adapter_name,
             "target": self.target,
@@ -235,17 +251,39 @@ class PEFTCallback(Callback):
             # Non-parameter training state (e.g. AdaLoRA's importance EMAs), restored in _on_load_checkpoint.
             "training_state": self.method.training_state(self.target_module(pl_module), self.adapter_name),
         }
-        if self.adapter_only_checkpoints and "state_dict" in checkpoint:
+        if "state_dict" in checkpoint:
+            state = checkpoint["state_dict"]
             wanted = set(keys)
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in wanted}
+            kept = {k: v for k, v in state.items() if clean_key(k) in wanted}
+            # Empty on ranks that write nothing (full-state FSDP gathers on rank 0): nothing to check there.
+            missing = sorted(set(keys) - {clean_key(k) for k in kept}) if state else []
+            if missing:
+                raise RuntimeError(
+                    f"The checkpoint would lack {len(missing)} of the {len(keys)} tensors that train, e.g. "
+                    f"{missing[:5]}: the module's state_dict names them differently from its parameters (a wrapper "
+                    "lightning-peft does not know?). Nothing was written; inject into the unwrapped model, or "
+                    "report the wrapper."
+                )
+            if self.adapter_only_checkpoints:
+                # Written without wrapper segments: a checkpoint from a compiled run loads into a plain one too.
+                checkpoint["state_dict"] = {clean_key(k): v for k, v in kept.items()}
 
     def _on_load_checkpoint(
         self, pl_module: pl.LightningModule, original: Callable[..., Any], checkpoint: dict
     ) -> None:
         original(checkpoint)
         state = checkpoint.get("state_dict")
+        if (
+            state is not None
+        ):  # back to the live names (a compiled submodule's _orig_mod.), before Lightning loads it
+            checkpoint["state_dict"] = state = {
+                state_dict_key(pl_module, clean_key(k)): v for k, v in state.items()
+            }
         # state is None: sharded strategies load weights through their own planner
-        missing = [k for k in self.adapter_keys(pl_module) if k not in state] if state is not None else []
+        present = {clean_key(k) for k in state} if state is not None else set()
+        missing = (
+            [k for k in self.checkpoint_keys(pl_module) if k not in present] if state is not None else []
+        )
         if missing:
             raise KeyError(
                 f"The checkpoint lacks {len(missing)} adapter tensors of {self.method.name}, e.g. {missing[:5]}. "
@@ -266,10 +304,49 @@ class PEFTCallback(Callback):
             trainer, pl_module, f"{self.method.name} '{self.adapter_name}'"
         )
         self._last_global_step = trainer.global_step
-        total = trainer.estimated_stepping_batches
-        self._total_steps = int(total) if math.isfinite(total) else None
+        self._gradients_checked = False
+        # Read at the first step: estimated_stepping_batches now would set the loader up before a resume restores it.
+        self._total_steps = None
+        self._report_trainable_outside_target(pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.adapter_only_checkpoints:
+            return
+        saved = set(self.checkpoint_keys(pl_module))
+        # Running statistics change in train() mode; unless a method or modules_to_save owns them, no checkpoint
+        # or adapter file holds them, so a reload would not reproduce the trained model.
+        replaced = {id(m.base_layer) for m in pl_module.modules() if isinstance(m, ModulesToSave)}  # never run
+        drifting = [
+            clean_key(name)
+            for name, m in pl_module.named_modules()
+            if isinstance(m, nn.modules.batchnorm._NormBase)
+            and id(m) not in replaced
+            and m.training
+            and m.track_running_stats
+            and clean_key(f"{name}.running_mean") not in saved
+        ]
+        if drifting:
+            rank_zero_warn(
+                f"lightning-peft: {len(drifting)} BatchNorm layers update their running statistics in training, but "
+                f"adapter-only checkpoints do not hold them (e.g. {drifting[:3]}): reloading would not reproduce "
+                "the trained model. Put them in the method's modules_to_save, or keep them in eval() mode."
+            )
+
+    def _report_trainable_outside_target(self, pl_module: pl.LightningModule) -> None:
+        if self.target is None:
+            return
+        outside = [n for n in self.checkpoint_keys(pl_module) if not n.startswith(self._prefix())]
+        if outside:
+            rank_zero_info(
+                f"lightning-peft: {len(outside)} trainable tensors outside target {self.target!r} train and are saved "
+                f"in checkpoints beside the adapter: {outside[:5]}{' ...' if len(outside) > 5 else ''} (freeze them "
+                "to leave them out)."
+            )
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._gradients_checked:
+            self._gradients_checked = True
+            _warn_about_tensors_without_gradient(pl_module)
         model = self.target_module(pl_module)
         extra = self.method.extra_loss(model)
         if extra is None:
@@ -292,7 +369,11 @@ class PEFTCallback(Callback):
         if trainer.global_step == self._last_global_step:
             return  # still accumulating gradients: no optimizer step happened
         self._last_global_step = trainer.global_step
-        self.method.on_optimizer_step(self.target_module(pl_module), trainer.global_step, self._total_steps)
+        if self._total_steps is None:
+            total = trainer.estimated_stepping_batches
+            self._total_steps = int(total) if math.isfinite(total) else -1
+        total_steps = self._total_steps if self._total_steps >= 0 else None
+        self.method.on_optimizer_step(self.target_module(pl_module), trainer.global_step, total_steps)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.merge_on_fit_end:
@@ -300,6 +381,19 @@ class PEFTCallback(Callback):
             rank_zero_info(
                 f"lightning-peft: merged {self.method.name} '{self.adapter_name}' into the base weights"
             )
+
+
+def _warn_about_tensors_without_gradient(pl_module: pl.LightningModule) -> None:
+    """After the first backward every trainable tensor should have a gradient; one that has none never trains."""
+    silent = [n for n, p in pl_module.named_parameters() if p.requires_grad and p.grad is None]
+    if silent:
+        rank_zero_warn(
+            f"lightning-peft: {len(silent)} trainable tensors got no gradient in the first backward, e.g. "
+            f"{silent[:4]}: they will not train. Likely causes: reentrant activation checkpointing "
+            "(torch.utils.checkpoint(..., use_reentrant=True)) over frozen inputs - use use_reentrant=False; an "
+            "input detached from the graph; a module that reads its children's weights instead of calling them; "
+            "or a part of the model the loss does not use."
+        )
 
 
 def _find_optimizers(obj: Any) -> Iterator[torch.optim.Optimizer]:

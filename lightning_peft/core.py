@@ -8,10 +8,12 @@ specific method type.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+from lightning.fabric.wrappers import _FabricModule
 from torch import nn
 
 from lightning_peft import transformers_compat as hf
@@ -25,6 +27,7 @@ from lightning_peft.methods.base import (
 from lightning_peft.targeting import replace_module
 
 _RECORD_ATTR = "_lightning_peft"
+_FAST_PATH_GUARD = "_lightning_peft_fast_path_guard"
 # Segments that wrappers (FSDP, activation checkpointing, torch.compile) add to parameter names but not to
 # state-dict keys; adapter keys are compared without them.
 _WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -39,12 +42,51 @@ class InjectionRecord:
     requires_grad: dict[str, bool] = field(default_factory=dict)
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside Fabric's, DDP's/DataParallel's and ``torch.compile``'s wrappers: the one whose
+    ``state_dict`` names the tensors. Each wrapper is opened by its own attribute, never by renaming keys."""
+    while True:
+        if isinstance(model, _FabricModule):
+            model = model._original_module
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif _is_compiled(model):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    # torch.compile's wrapper class lives in dynamo; if dynamo was never imported, nothing is compiled.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)
+
+
+def state_dict_key(model: nn.Module, key: str) -> str:
+    """The live ``model.state_dict()`` name of a canonical (wrapper-free) ``key``.
+
+    ``torch.compile`` on a submodule puts ``_orig_mod.`` into its state-dict keys (the other wrappers' state-dict
+    hooks strip their segments and add them back on load), so the segment goes back in after each compiled
+    submodule on the key's path.
+    """
+    live: list[str] = []
+    module: nn.Module | None = model
+    for part in key.split("."):
+        while module is not None and _is_compiled(module):
+            live.append("_orig_mod")
+            module = module._orig_mod
+        live.append(part)
+        child = getattr(module, part, None) if module is not None else None
+        module = child if isinstance(child, nn.Module) else None
+    return ".".join(live)
+
+
 def injection_record(model: nn.Module) -> InjectionRecord | None:
-    return getattr(model, _RECORD_ATTR, None)
+    return getattr(unwrap(model), _RECORD_ATTR, None)
 
 
 def _require_record(model: nn.Module) -> InjectionRecord:
-    record = injection_record(model)
+    record = injection_record(unwrap(model))
     if record is None:
         raise ValueError("This model has no adapters; call lightning_peft.inject(model, method) first.")
     return record
@@ -75,6 +117,8 @@ def inject(model: nn.Module, method: PEFTMethod, adapter_name: str = "default") 
     """
     if not isinstance(method, PEFTMethod):
         raise TypeError(f"inject expects a PEFTMethod (e.g. LoRA(...)), got {type(method).__name__}.")
+    _refuse_data_parallel(model)
+    wrapper, model = model, unwrap(model)
     record = injection_record(model)
     if record is not None and adapter_name in record.methods:
         raise ValueError(
@@ -88,6 +132,7 @@ def inject(model: nn.Module, method: PEFTMethod, adapter_name: str = "default") 
     try:
         method.inject_layers(model, adapter_name)
         method.inject_modules_to_save(model, adapter_name)
+        guard_fast_paths(model, method.name)
     except Exception:
         # e.g. DoRA or PiSSA refused on a layer found after others were already wrapped: leave no half-adapter.
         discard_adapter(model, adapter_name, wrappers_before)
@@ -99,7 +144,7 @@ def inject(model: nn.Module, method: PEFTMethod, adapter_name: str = "default") 
     object.__setattr__(model, _RECORD_ATTR, record)
     set_adapter(model, adapter_name)
     prepare_gradient_checkpointing(model)
-    return model
+    return wrapper
 
 
 def discard_adapter(
@@ -148,6 +193,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     Raises:
         ValueError: ``adapter_name`` is not an adapter of this model (the known names are listed).
     """
+    outer, model = model, unwrap(model)
     record = _require_record(model)
     if adapter_name not in record.methods:
         raise ValueError(
@@ -158,7 +204,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     kept = {id(layer) for _, layer in adapter_layers(model) if set(layer.adapter_names()) - {adapter_name}}
     previous_active = record.active if record.active != adapter_name else None
     discard_adapter(model, adapter_name, kept, previous_active)
-    return model
+    return outer
 
 
 def _restore_requires_grad(model: nn.Module, record: InjectionRecord) -> None:
@@ -166,6 +212,60 @@ def _restore_requires_grad(model: nn.Module, record: InjectionRecord) -> None:
         # Weights quantized during injection (QLoRA) were floats when recorded; integer tensors cannot require grad.
         if param.is_floating_point():
             param.requires_grad_(record.requires_grad.get(clean_key(name), True))
+
+
+def guard_fast_paths(model: nn.Module, method: str) -> None:
+    """Make every adapter run where PyTorch modules would read their children's weights instead of calling them.
+
+    * ``nn.MultiheadAttention`` always reads ``out_proj.weight`` itself (``F.multi_head_attention_forward``): an
+      adapter there would never run, so it is refused.
+    * ``nn.TransformerEncoderLayer`` in eval mode takes a fused fast path that reads ``linear1.weight`` etc.; PyTorch
+      leaves it whenever a submodule has a forward hook, so each adapter layer inside gets an empty one.
+
+    Raises:
+        ValueError: an adapter wraps a submodule of ``nn.MultiheadAttention``.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            wrapped = [
+                f"{name}.{n}" for n, child in module.named_children() if isinstance(child, AdapterLayer)
+            ]
+            if wrapped:
+                raise ValueError(
+                    f"{method} targets {wrapped}, inside nn.MultiheadAttention {name!r}, which reads out_proj.weight "
+                    "directly and never calls out_proj: the adapter would be silently skipped. Exclude it (e.g. "
+                    "exclude_modules=['out_proj']) and target the feed-forward layers (linear1, linear2)."
+                )
+        elif isinstance(module, nn.TransformerEncoderLayer):
+            for child in module.modules():
+                if isinstance(child, AdapterLayer) and not getattr(child, _FAST_PATH_GUARD, False):
+                    child.register_forward_pre_hook(_leave_fused_fast_path)
+                    object.__setattr__(child, _FAST_PATH_GUARD, True)
+
+
+def _leave_fused_fast_path(module: nn.Module, args: tuple) -> None:
+    """Does nothing: its presence makes ``nn.TransformerEncoderLayer`` call its submodules (see guard_fast_paths)."""
+
+
+def _refuse_data_parallel(model: nn.Module) -> None:
+    inner = model
+    while not isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        if inner is (nxt := unwrap_once(inner)):
+            return
+        inner = nxt
+    raise ValueError(
+        f"The model is already wrapped in {type(inner).__name__}: adapters added now are unknown to its gradient "
+        "synchronisation and would silently diverge across ranks. Inject first, then wrap (with Fabric: inject, "
+        "then fabric.setup; with a Trainer: PEFTCallback does this in configure_model)."
+    )
+
+
+def unwrap_once(model: nn.Module) -> nn.Module:
+    if isinstance(model, _FabricModule):
+        return model._forward_module
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return model.module
+    return model._orig_mod if _is_compiled(model) else model
 
 
 def _refuse_sharded(model: nn.Module) -> None:
@@ -194,6 +294,7 @@ def prepare_gradient_checkpointing(model: nn.Module) -> None:
 
 def set_adapter(model: nn.Module, adapter_name: str) -> None:
     """Make ``adapter_name`` the active adapter: it alone runs in forward and is trainable."""
+    model = unwrap(model)
     record = _require_record(model)
     if adapter_name not in record.methods:
         raise ValueError(f"Unknown adapter '{adapter_name}'; this model has {sorted(record.methods)}.")
@@ -209,6 +310,7 @@ def adapter_state_keys(
     model: nn.Module, adapter_name: str | None = None, *, parameters_only: bool = False
 ) -> list[str]:
     """State-dict keys owned by adapter ``adapter_name`` (all adapters when ``None``), in model order."""
+    model = unwrap(model)
     record = _require_record(model)
     names = list(record.methods) if adapter_name is None else [adapter_name]
     keys: list[str] = []
@@ -229,8 +331,10 @@ def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dic
         model: A model with injected adapters.
         adapter_name: One adapter, or ``None`` for all of them.
     """
+    model = unwrap(model)
     wanted = set(adapter_state_keys(model, adapter_name))
-    return {k: v for k, v in model.state_dict().items() if k in wanted}
+    # Keyed without the segments wrappers inside the model add (a compiled block's ``_orig_mod.``).
+    return {clean_key(k): v for k, v in model.state_dict().items() if clean_key(k) in wanted}
 
 
 def count_parameters(model: nn.Module) -> dict[str, float]:
@@ -254,6 +358,7 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module
         NotMergeableError: a requested adapter's method cannot be merged.
         ValueError: merging would produce NaN/Inf weights; nothing is changed.
     """
+    outer, model = model, unwrap(model)
     record = _require_record(model)
     names = adapter_names or [record.active]
     for name in names:
@@ -271,27 +376,29 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module
                 layer.check_merge(name)
     for layer, layer_names in layers:
         layer.merge(layer_names)
-    return model
+    return outer
 
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo :func:`merge`: restore the base weights and run adapters separately again."""
+    outer, model = model, unwrap(model)
     _require_record(model)
     for _, layer in adapter_layers(model):
         layer.unmerge()
-    return model
+    return outer
 
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model: inside the block every adapter is bypassed (merged ones are unmerged first)."""
+    outer, model = model, unwrap(model)
     _require_record(model)
     layers = [layer for _, layer in adapter_layers(model)]
     previous = [layer.disabled for layer in layers]
     for layer in layers:
         layer.disabled = True
     try:
-        yield model
+        yield outer
     finally:
         for layer, was in zip(layers, previous, strict=True):
             layer.disabled = was
@@ -303,6 +410,7 @@ def unload(model: nn.Module, *, merge_adapters: bool = False) -> nn.Module:
     With ``merge_adapters=True`` the active adapter is merged first and ``modules_to_save`` keep their trained
     copy; otherwise the base model is restored exactly, including parameters' original ``requires_grad``.
     """
+    outer, model = model, unwrap(model)
     record = _require_record(model)
     if merge_adapters:
         merge(model)
@@ -316,7 +424,7 @@ def unload(model: nn.Module, *, merge_adapters: bool = False) -> nn.Module:
             replace_module(model, name, keep)
     _restore_requires_grad(model, record)
     object.__delattr__(model, _RECORD_ATTR)
-    return model
+    return outer
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:

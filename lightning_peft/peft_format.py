@@ -25,9 +25,11 @@ from lightning_peft.core import (
     _require_record,
     adapter_state_dict,
     adapter_state_keys,
+    clean_key,
     discard_adapter,
     inject,
     injection_record,
+    unwrap,
 )
 from lightning_peft.methods.base import AdapterLayer, adapter_layers, method_for_peft_type
 
@@ -90,9 +92,20 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     Returns:
         The directory path.
     """
+    model = unwrap(model)
     record = _require_record(model)
     name = adapter_name or record.active
     method = record.methods[name]
+    state = adapter_state_dict(model, name)
+    expected = adapter_state_keys(model, name)
+    if not state or len(state) != len(expected):
+        found = {clean_key(k) for k in state}
+        raise RuntimeError(
+            f"save_adapter found {len(state)} of the {len(expected)} tensors of adapter '{name}' in "
+            f"{type(model).__name__}.state_dict() (missing e.g. {[k for k in expected if k not in found][:3]}); "
+            "nothing was written. The model is wrapped in a way lightning-peft cannot see through: pass the "
+            "module the adapter was injected into."
+        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = method.to_peft_config(model, name)
@@ -104,7 +117,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     )
     tensors = {
         to_peft_key(k, name): v.detach().cpu().contiguous().clone()
-        for k, v in method.to_peft_state_dict(model, name, adapter_state_dict(model, name)).items()
+        for k, v in method.to_peft_state_dict(model, name, state).items()
     }
     tensors = method.to_peft_tensors(model, name, tensors)
     _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
@@ -149,6 +162,7 @@ def load_adapter(
     Raises:
         ValueError: the files miss some of the adapter's tensors or hold tensors it does not have.
     """
+    outer, model = model, unwrap(model)
     config = read_adapter_config(directory)
     if "peft_type" not in config:
         raise ValueError(f"{Path(directory) / CONFIG_NAME} has no 'peft_type'; it is not an adapter config.")
@@ -188,4 +202,4 @@ def load_adapter(
     model.load_state_dict(state, strict=False)
     if not is_trainable:
         model.requires_grad_(False)
-    return model
+    return outer

@@ -68,3 +68,21 @@ def test_add_callback_to_existing_trainer_writes_a_trained_lora_adapter(tmp_path
         adapted = load_adapter(example.tiny_llama().eval(), adapter)
         adapted_logits = adapted(input_ids=probe).logits
     assert (adapted_logits - base_logits).abs().max() > 1e-3
+
+
+def test_fabric_loop_resumes_exactly_from_an_adapter_only_checkpoint(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "fabric_loop.py"), "--output-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (uninterrupted,) = re.findall(r"uninterrupted losses: (\[.*\])", result.stdout)
+    (resumed,) = re.findall(r"resumed losses: +(\[.*\])", result.stdout)
+    assert json.loads(resumed) == json.loads(uninterrupted) and len(json.loads(resumed)) == 4
+    (tensors,) = re.findall(r"checkpoint model tensors: (\[.*\])", result.stdout)
+    names = json.loads(tensors.replace("'", '"'))
+    assert len(names) == 8 and all(".lora_" in n for n in names)
+    assert len(load_file(tmp_path / "adapter" / "adapter_model.safetensors")) == 8

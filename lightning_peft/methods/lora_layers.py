@@ -373,7 +373,13 @@ class LoraEmbedding(LoraLayer):
         after_A = F.embedding(
             x, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
         )
-        return (after_A @ B.T) * self.scaling[adapter_name]  # (..., r) @ (r, dim) -> (..., dim)
+        out = (after_A @ B.T) * self.scaling[adapter_name]  # (..., r) @ (r, dim) -> (..., dim)
+        # Scaled embeddings (BART's, Gemma 3's) multiply their lookup by embed_scale: so does the update, as a merged
+        # weight would be (and as peft does).
+        embed_scale = getattr(base, "embed_scale", None)
+        if embed_scale is not None:
+            out = out * (embed_scale.to(out.dtype) if torch.is_tensor(embed_scale) else embed_scale)
+        return out
 
 
 class LoraConv(LoraLayer):
@@ -416,7 +422,16 @@ LAYER_RESOLVERS: list[Callable[[nn.Module], type[LoraLayer] | None]] = []
 
 
 def lora_layer_type(module: nn.Module) -> type[LoraLayer]:
+    """The LoRA layer for ``module``: by its most specific supported base class, so subclasses of ``nn.Linear``
+    (``NonDynamicallyQuantizableLinear``, a user's ``MyLinear``), ``nn.Embedding`` (scaled embeddings) and
+    ``nn.Conv*`` are handled as their base."""
     for resolve in LAYER_RESOLVERS:
         if (layer_type := resolve(module)) is not None:
             return layer_type
-    return LAYER_TYPES[type(module)]
+    for base in type(module).__mro__:
+        if base in LAYER_TYPES:
+            return LAYER_TYPES[base]
+    raise TypeError(
+        f"LoRA cannot adapt {type(module).__name__}; supported: {sorted(t.__name__ for t in LAYER_TYPES)} and "
+        "their subclasses."
+    )
