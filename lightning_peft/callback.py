@@ -315,7 +315,9 @@ class PEFTCallback(Callback):
         saved = set(self.checkpoint_keys(pl_module))
         # Running statistics change in train() mode; unless a method or modules_to_save owns them, no checkpoint
         # or adapter file holds them, so a reload would not reproduce the trained model.
-        replaced = {id(m.base_layer) for m in pl_module.modules() if isinstance(m, ModulesToSave)}  # never run
+        replaced = {
+            id(m.base_layer) for m in pl_module.modules() if isinstance(m, ModulesToSave)
+        }  # never run
         drifting = [
             clean_key(name)
             for name, m in pl_module.named_modules()

@@ -154,6 +154,8 @@ def quantize(
         heads = output_head_names(model)
         # Never what an adapter layer holds: its adapters are not to be quantized, nor a base it already wraps.
         wrapped = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, AdapterLayer))
+        # Nor what the model keeps in fp32 (T5's `wo`: its activations overflow in low precision).
+        skip = [*skip, *hf.keep_in_fp32_modules(model)]
         found = [
             (name, module)
             for name, module in model.named_modules()

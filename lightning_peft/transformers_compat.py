@@ -260,3 +260,12 @@ def set_activation_checkpointing(model: nn.Module, enabled: bool, use_reentrant:
 def activation_checkpointing(model: nn.Module) -> bool:
     """Whether any part of ``model`` recomputes activations (transformers' per-layer flag)."""
     return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def keep_in_fp32_modules(model: nn.Module) -> list[str]:
+    """Module names a transformers model keeps in full precision (``_keep_in_fp32_modules``: T5's ``wo``, ...)."""
+    names: list[str] = []
+    for module in model.modules():
+        for attr in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
+            names += [n for n in getattr(module, attr, None) or () if n not in names]
+    return names

@@ -49,21 +49,30 @@ def fit_twice_and_once(tmp_path: Path, build, callback_factory) -> tuple[list, l
 class CompiledCausalLM(CausalLM):
     """A user who compiles the model: in __init__, or in on_fit_start (after injection and optimizers)."""
 
-    def __init__(self, where: str) -> None:
+    def __init__(self, where: str, backend: str = "aot_eager") -> None:
         super().__init__()
-        self.where = where
+        self.where, self.backend = where, backend
         if where == "init":
-            self.model = torch.compile(self.model, backend="aot_eager")
+            self.model = torch.compile(self.model, backend=backend)
 
     def on_fit_start(self) -> None:
         if self.where == "on_fit_start":
-            self.model = torch.compile(self.model, backend="aot_eager")
+            self.model = torch.compile(self.model, backend=self.backend)
 
 
-@pytest.mark.parametrize("where", ["init", "on_fit_start"])
-def test_compiled_model_checkpoints_its_adapter_and_resumes_exactly(tmp_path: Path, where: str) -> None:
+@pytest.mark.parametrize(
+    ("where", "backend"),
+    [
+        ("init", "aot_eager"),
+        ("on_fit_start", "aot_eager"),
+        pytest.param("init", "inductor", marks=pytest.mark.slow),
+    ],
+)
+def test_compiled_model_checkpoints_its_adapter_and_resumes_exactly(
+    tmp_path: Path, where: str, backend: str
+) -> None:
     full, resumed, saved = fit_twice_and_once(
-        tmp_path, lambda: CompiledCausalLM(where), lambda: PEFTCallback(QV, target="model")
+        tmp_path, lambda: CompiledCausalLM(where, backend), lambda: PEFTCallback(QV, target="model")
     )
     assert len(saved) == LORA_KEYS and all(".lora_" in k for k in saved)
     assert resumed == full
@@ -352,3 +361,47 @@ def test_batchnorm_statistics_that_would_not_be_saved_are_named(tmp_path: Path, 
         assert named == []
     else:
         assert len(named) == 1 and "['net.1']" in named[0]
+
+
+# --- 7. mid-epoch resume with a stateful loader --------------------------------------------------------------
+class StatefulLoader(torch.utils.data.DataLoader):
+    """A loader that resumes where it stopped: Lightning saves its state_dict and restores it mid-epoch."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.consumed, self.skip = 0, 0
+
+    def __iter__(self):
+        for index, batch in enumerate(super().__iter__()):
+            if index >= self.skip:
+                self.consumed = index + 1
+                yield batch
+        self.skip = 0
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skip = state["consumed"]
+
+
+def test_mid_epoch_resume_from_a_step_checkpoint_continues_with_the_next_batch(tmp_path: Path) -> None:
+    def loader() -> StatefulLoader:
+        ids = torch.randint(0, VOCAB, (8, 12), generator=torch.Generator().manual_seed(0))
+        return StatefulLoader(torch.utils.data.TensorDataset(ids), batch_size=2)
+
+    full = CausalLM()
+    make_trainer(tmp_path / "full", [PEFTCallback(QV, target="model")], max_steps=4).fit(full, loader())
+    first = CausalLM()
+    every_2 = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    make_trainer(tmp_path / "first", [PEFTCallback(QV, target="model"), every_2], max_steps=2).fit(
+        first, loader()
+    )
+    (checkpoint,) = (tmp_path / "ckpt").glob("*.ckpt")
+    resumed = CausalLM()
+    make_trainer(tmp_path / "resumed", [PEFTCallback(QV, target="model")], max_steps=4).fit(
+        resumed, loader(), ckpt_path=checkpoint
+    )
+    assert (
+        len(full.losses) == 4 and first.losses + resumed.losses == full.losses
+    )  # batches 2 and 3, not 0 and 1

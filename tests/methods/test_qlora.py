@@ -37,10 +37,12 @@ from lightning_peft.methods.qlora import LoraBnbLinear
 from lightning_peft.quantization import (
     dequantize,
     export_merged,
+    is_quantized_linear,
     prepare_model_for_kbit_training,
     quantize,
     weight_storage_bytes,
 )
+from tests.methods.method_checks import randomise
 from tests.test_callback import CausalLM, make_trainer, token_loader
 from tests.tiny_models import MLPConv, tiny_llama, token_batch
 
@@ -479,3 +481,28 @@ def test_cuda_bitsandbytes_precision_quantizes_the_base_and_not_the_adapters(tmp
     assert isinstance(layer, LoraBnbLinear) and layer.base_layer.weight.dtype == torch.uint8
     assert type(layer.lora_A["default"]) is nn.Linear and layer.lora_A["default"].weight.requires_grad
     assert module.losses[-1] < module.losses[0]
+
+
+def test_modules_the_model_keeps_in_fp32_stay_full_precision_and_every_adapter_trains() -> None:
+    """T5 keeps its feed-forward output `wo` in fp32 (`_keep_in_fp32_modules`): QLoRA does not quantize it."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=128, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, decoder_start_token_id=0
+    )
+    model = inject(T5ForConditionalGeneration(config), QLoRA(r=4))
+    wo = [n for n, m in model.named_modules() if n.endswith(".wo")]
+    assert len(wo) == 4 and all(
+        type(model.get_submodule(n).base_layer) is nn.Linear for n in wo
+    )  # 2 encoder + 2 decoder
+    quantized = [n for n, m in model.named_modules() if is_quantized_linear(m)]
+    assert quantized and not any(".wo" in n for n in quantized)
+    randomise(model)  # lora_B leaves zero, so every adapter tensor has a gradient path
+    ids = token_batch(length=8)
+    model(input_ids=ids, labels=ids).loss.backward()
+    silent = [
+        n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())
+    ]
+    assert silent == []
+    assert sum(p.requires_grad for p in model.parameters()) > 40
