@@ -312,7 +312,6 @@ class PEFTCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.adapter_only_checkpoints:
             return
-        saved = set(self.checkpoint_keys(pl_module))
         # Running statistics change in train() mode; unless a method or modules_to_save owns them, no checkpoint
         # or adapter file holds them, so a reload would not reproduce the trained model.
         replaced = {
@@ -325,8 +324,10 @@ class PEFTCallback(Callback):
             and id(m) not in replaced
             and m.training
             and m.track_running_stats
-            and clean_key(f"{name}.running_mean") not in saved
         ]
+        if drifting:
+            saved = set(self.checkpoint_keys(pl_module))
+            drifting = [name for name in drifting if f"{name}.running_mean" not in saved]
         if drifting:
             rank_zero_warn(
                 f"lightning-peft: {len(drifting)} BatchNorm layers update their running statistics in training, but "
@@ -337,7 +338,12 @@ class PEFTCallback(Callback):
     def _report_trainable_outside_target(self, pl_module: pl.LightningModule) -> None:
         if self.target is None:
             return
-        outside = [n for n in self.checkpoint_keys(pl_module) if not n.startswith(self._prefix())]
+        # From parameter names only: nothing here may touch a state_dict (FSDP units must not initialise yet).
+        outside = [
+            k
+            for n, p in pl_module.named_parameters()
+            if p.requires_grad and not (k := clean_key(n)).startswith(self._prefix())
+        ]
         if outside:
             rank_zero_info(
                 f"lightning-peft: {len(outside)} trainable tensors outside target {self.target!r} train and are saved "

@@ -118,7 +118,9 @@ def assert_sequence_gated_generation(model: nn.Module) -> None:
         torch.testing.assert_close(cached.logits[0][0], first, atol=1e-5, rtol=0)
         singles.append(cached.sequences[0, len(seq) :].tolist())
     batch = padded(model, seqs, "left", positions=False)
-    generated = model.generate(**batch, do_sample=False, **options).sequences[:, batch["input_ids"].shape[1] :]
+    generated = model.generate(**batch, do_sample=False, **options).sequences[
+        :, batch["input_ids"].shape[1] :
+    ]
     assert generated.tolist() == singles
 
 

@@ -19,6 +19,7 @@ branch on the method type:
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
@@ -187,6 +188,11 @@ class PEFTMethod:
 
     modules_to_save: list[str] | None = None
 
+    #: Fields that only initialise a new adapter (e.g. from a tokenizer) and their neutral values. A loaded adapter
+    #: replaces that initialisation with its saved tensors, so :meth:`for_loading` resets them: loading a file
+    #: never reads a tokenizer (or any code) the file's config names.
+    init_only_fields: ClassVar[dict[str, Any]] = {}
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.__dict__.get("peft_type"):  # assigned here, not inherited (see the class docstring)
@@ -291,7 +297,11 @@ class PEFTMethod:
     @classmethod
     def from_peft_config(cls, config: dict[str, Any]) -> PEFTMethod:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in known})
+        return cls(**{k: v for k, v in config.items() if k in known}).for_loading()
+
+    def for_loading(self) -> PEFTMethod:
+        """This method with :attr:`init_only_fields` reset: what a loader injects before the saved tensors."""
+        return dataclasses.replace(self, **self.init_only_fields) if self.init_only_fields else self
 
     def config_dict(self) -> dict[str, Any]:
         return {

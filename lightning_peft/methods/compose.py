@@ -185,7 +185,7 @@ class MethodUnion(ComposedMethod):
     @classmethod
     def from_peft_config(cls, config: dict[str, Any]) -> MethodUnion:
         return cls(
-            methods=[method_from_config_dict(m) for m in config.get("methods") or []],
+            methods=[method_from_config_dict(m).for_loading() for m in config.get("methods") or []],
             modules_to_save=config.get("modules_to_save"),
         )
 

@@ -97,6 +97,8 @@ class _PrefixMethod(PromptLearningMethod):
     head_dim: int | None = None
     init_text: str | None = None
     tokenizer_name_or_path: str | None = None
+    # The saved prefix replaces any initialisation: loading needs no tokenizer.
+    init_only_fields: ClassVar[dict[str, Any]] = {"init_text": None, "tokenizer_name_or_path": None}
 
     def validate(self) -> None:
         super().validate()
@@ -153,8 +155,7 @@ class _PrefixMethod(PromptLearningMethod):
         target = PrefixTuning if config.get("prefix_projection") else PTuningV2
         if cls is not target:
             return target.from_peft_config(config)
-        # The saved prefix replaces any initialisation: loading needs no tokenizer.
-        return super().from_peft_config({**config, "init_text": None, "tokenizer_name_or_path": None})
+        return super().from_peft_config(config)
 
 
 @torch.no_grad()

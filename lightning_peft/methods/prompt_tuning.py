@@ -43,6 +43,11 @@ class PromptTuning(PromptLearningMethod):
 
     peft_type: ClassVar[str] = "PROMPT_TUNING"
 
+    # The saved embeddings replace any initialisation: loading needs no tokenizer.
+    init_only_fields: ClassVar[dict[str, Any]] = {
+        "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None, "tokenizer_name_or_path": None,
+    }  # fmt: skip
+
     prompt_tuning_init: Literal["RANDOM", "SAMPLE_VOCAB", "TEXT"] = "RANDOM"
     prompt_tuning_init_text: str | None = None
     tokenizer_name_or_path: str | None = None
@@ -84,8 +89,3 @@ class PromptTuning(PromptLearningMethod):
             "tokenizer_name_or_path": self.tokenizer_name_or_path,
             "tokenizer_kwargs": None,
         }
-
-    @classmethod
-    def from_peft_config(cls, config: dict[str, Any]) -> PromptTuning:
-        # The saved embeddings replace any initialisation: loading needs no tokenizer.
-        return super().from_peft_config({**config, "prompt_tuning_init": "RANDOM"})  # type: ignore[return-value]

@@ -111,7 +111,8 @@ def tokenize_init_text(text: str, tokenizer_name_or_path: str, num_virtual_token
     """Token ids of ``text``, cut or repeated to ``num_virtual_tokens`` (peft's TEXT initialisation)."""
     from transformers import AutoTokenizer
 
-    ids = AutoTokenizer.from_pretrained(tokenizer_name_or_path)(text)["input_ids"]
+    # Never code from the tokenizer's directory (auto_map): only tokenizers transformers itself implements.
+    ids = AutoTokenizer.from_pretrained(tokenizer_name_or_path, trust_remote_code=False)(text)["input_ids"]
     if not ids:
         raise ValueError(f"The initialisation text {text!r} has no tokens.")
     return (ids * math.ceil(num_virtual_tokens / len(ids)))[:num_virtual_tokens]
@@ -213,7 +214,7 @@ class PromptLearningMethod(PEFTMethod):
         kwargs = {k: v for k, v in config.items() if k in known}
         if kwargs.get("modules_to_save"):  # peft lists its task defaults (classifier, score) twice
             kwargs["modules_to_save"] = list(dict.fromkeys(kwargs["modules_to_save"]))
-        return cls(**kwargs)
+        return cls(**kwargs).for_loading()
 
     def to_peft_tensors(
         self, model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor]
