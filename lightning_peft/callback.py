@@ -29,10 +29,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_peft.atomic_io import AtomicCheckpointIO
 from lightning_peft.core import (
     adapter_state_keys,
     clean_key,
@@ -43,6 +45,7 @@ from lightning_peft.core import (
     prepare_gradient_checkpointing,
     state_dict_key,
 )
+from lightning_peft.gradient_flow import InputGradientProbe
 from lightning_peft.methods.base import ModulesToSave, PEFTMethod
 
 CHECKPOINT_KEY = "lightning_peft"
@@ -118,6 +121,7 @@ class PEFTCallback(Callback):
         self._last_global_step = -1
         self._total_steps: int | None = None
         self._gradients_checked = False
+        self._probe: InputGradientProbe | None = None
 
     @property
     def state_key(self) -> str:
@@ -159,6 +163,10 @@ class PEFTCallback(Callback):
     # --- setup: wrap the module's hooks ----------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _refuse_multiprocessing_launcher(trainer)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            # Lightning's own write is copied from TMPDIR when the checkpoint directory is on another filesystem:
+            # a kill then leaves a partial file under the final name.
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         if self.method.may_have_unused_parameters:
             ddp_kwargs = getattr(trainer.strategy, "_ddp_kwargs", None)
             if isinstance(ddp_kwargs, dict) and not ddp_kwargs.get("static_graph"):
@@ -169,6 +177,9 @@ class PEFTCallback(Callback):
         self._wrap(pl_module, "on_load_checkpoint", self._on_load_checkpoint)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._probe is not None:
+            self._probe.remove()
+            self._probe = None
         for hook in _PATCHED_HOOKS:
             current = pl_module.__dict__.get(hook)
             if getattr(current, _OWNER, None) is self:
@@ -300,6 +311,8 @@ class PEFTCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model = self.target_module(pl_module)
         prepare_gradient_checkpointing(model)
+        # The user's own torch.utils.checkpoint(use_reentrant=True) would starve the adapters inside it.
+        self._probe = InputGradientProbe(model)
         self.parameter_counts = report_parameter_counts(
             trainer, pl_module, f"{self.method.name} '{self.adapter_name}'"
         )
@@ -349,6 +362,15 @@ class PEFTCallback(Callback):
                 f"lightning-peft: {len(outside)} trainable tensors outside target {self.target!r} train and are saved "
                 f"in checkpoints beside the adapter: {outside[:5]}{' ...' if len(outside) > 5 else ''} (freeze them "
                 "to leave them out)."
+            )
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
+        if self._probe is not None and not self._probe.decided and self._probe.decide(loss):
+            rank_zero_info(
+                "lightning-peft: the model uses reentrant activation checkpointing; its frozen inputs now require "
+                "grad so the adapters inside the checkpoints train."
             )
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -11,7 +11,10 @@ save through Fabric's ``filter=`` so the file holds only the adapter, and load n
     ...
     remainder = fabric.load(path, state, strict=False)   # the base weights come from the model itself
 
-``save_adapter``/``adapter_state_dict`` take the module ``fabric.setup`` returns as they take the plain one.
+``save_adapter``/``adapter_state_dict`` take the module ``fabric.setup`` returns as they take the plain one. A model
+that calls ``torch.utils.checkpoint(..., use_reentrant=True)`` over frozen inputs needs the probe the Trainer
+callback runs: ``probe = InputGradientProbe(model)`` before the loop, ``probe.decide(loss)`` before the first
+``fabric.backward(loss)``.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from typing import Any
 from torch import nn
 
 from lightning_peft.core import adapter_state_keys, clean_key, unwrap
+from lightning_peft.gradient_flow import InputGradientProbe
 
-__all__ = ["adapter_filter", "trainable_parameters"]
+__all__ = ["InputGradientProbe", "adapter_filter", "trainable_parameters"]
 
 
 def adapter_filter(model: nn.Module, adapter_name: str | None = None) -> Callable[[str, Any], bool]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lightning_peft.atomic_io import write_directory
 from lightning_peft.core import (
     _require_record,
     adapter_state_dict,
@@ -35,6 +35,7 @@ from lightning_peft.methods.base import AdapterLayer, adapter_layers, method_for
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
 
 _TASK_SUFFIXES = {
@@ -81,8 +82,9 @@ def _task_type(model: nn.Module) -> str | None:
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
     """Write one adapter as ``adapter_config.json`` + ``adapter_model.safetensors`` (no base weights).
 
-    Files are written to temporary names and renamed, so an interrupted save never leaves a half-written
-    adapter in place of a good one.
+    The directory is written whole beside itself and swapped in (see :mod:`lightning_peft.atomic_io`), so a
+    save killed at any instant leaves the old adapter or the new one, complete; in a directory that holds other
+    files too, each file is replaced atomically (weights, then config).
 
     Args:
         model: The model the adapter was injected into (for a PEFTCallback, the ``target`` submodule).
@@ -107,7 +109,6 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
             "module the adapter was injected into."
         )
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     config = method.to_peft_config(model, name)
     model_config = getattr(model, "config", None)
     config.update(
@@ -120,23 +121,17 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         for k, v in method.to_peft_state_dict(model, name, state).items()
     }
     tensors = method.to_peft_tensors(model, name, tensors)
-    _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
-    _atomic_write(
-        directory / CONFIG_NAME,
-        lambda path: Path(path).write_text(json.dumps(config, indent=2, sort_keys=True)),
+    # Weights first: where the directory cannot be swapped whole, a kill between the two leaves the old config.
+    write_directory(
+        directory,
+        {
+            WEIGHTS_NAME: lambda path: save_file(tensors, path, metadata={"format": "pt"}),
+            CONFIG_NAME: lambda path: Path(path).write_text(json.dumps(config, indent=2, sort_keys=True)),
+        },
+        carried=("README.md",),
+        superseded=(LEGACY_WEIGHTS_NAME,),
     )
     return directory
-
-
-def _atomic_write(target: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
@@ -169,7 +164,7 @@ def load_adapter(
     weights_path = Path(directory) / WEIGHTS_NAME
     if weights_path.is_file():
         tensors = load_file(weights_path)
-    elif (legacy := Path(directory) / "adapter_model.bin").is_file():
+    elif (legacy := Path(directory) / LEGACY_WEIGHTS_NAME).is_file():
         tensors = torch.load(legacy, map_location="cpu", weights_only=True)
     else:
         raise FileNotFoundError(f"{weights_path} not found.")

@@ -240,3 +240,16 @@ def test_quality_runs_only_single_process_quickstart_configs() -> None:
     assert configs[0] == "full_finetune" and "quickstart" in configs and "lora" in configs
     # the DDP, multi-node and FSDP configs would spawn or wait for other processes; SFT/QLoRA are another task
     assert not {"ddp", "multinode", "fsdp", "sft_tiny_llama", "qlora"} & set(configs)
+
+
+def test_compile_step_compares_the_same_function_compiled_and_eager() -> None:
+    from benchmarks import compile_step
+    from benchmarks.__main__ import parse_args
+
+    args = parse_args(["--hidden", "64", "--layers", "1", "--batch", "2", "--seq", "8", "--rounds", "2"])
+    args.backend, args.warmup = "aot_eager", 1
+    results = compile_step.run(args)
+    for name in ("ours_vs_peft", "ours_compiled", "peft_compiled"):
+        assert results[name]["max_logit_diff"] < 1e-5, name
+    for label, _, _ in compile_step.RATIOS:
+        assert 0 < results[label]["q1"] <= results[label]["median"] <= results[label]["q3"], label

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lightning_peft import PEFTCallback, adapter_state_dict, inject, load_adapter, merge, save_adapter
-from lightning_peft.fabric import adapter_filter, trainable_parameters
+from lightning_peft.fabric import InputGradientProbe, adapter_filter, trainable_parameters
 from lightning_peft.methods import LoRA
 from lightning_peft.methods.lora import LoraLayer
 from lightning_peft.peft_format import WEIGHTS_NAME
@@ -293,8 +293,13 @@ def test_multihead_attention_projection_class_is_dispatched_not_a_key_error() ->
 
 
 # --- 6. a tensor that gets no gradient -----------------------------------------------------------------------
-class ReentrantCheckpointed(CausalLM):
-    """A user's module that checkpoints the decoder layers with torch.utils.checkpoint(use_reentrant=True)."""
+class UserCheckpointed(CausalLM):
+    """A user's module that runs the decoder layers itself: plainly, through torch.utils.checkpoint (reentrant or
+    not), or on hidden states detached from the graph (a bug no hook can mend)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
 
     def loss(self, batch) -> torch.Tensor:
         (ids,) = batch
@@ -303,23 +308,58 @@ class ReentrantCheckpointed(CausalLM):
         positions = torch.arange(ids.shape[1])[None]
         rotary = body.rotary_emb(hidden, positions)
         for layer in body.layers:
-            hidden = torch.utils.checkpoint.checkpoint(
-                lambda h, layer=layer: layer(h, position_embeddings=rotary, position_ids=positions),
-                hidden,
-                use_reentrant=True,
-            )
+            run = lambda h, layer=layer: layer(h, position_embeddings=rotary, position_ids=positions)  # noqa: E731
+            if self.how == "detached":
+                hidden = run(hidden).detach()
+            elif self.how == "plain":
+                hidden = run(hidden)
+            else:
+                hidden = torch.utils.checkpoint.checkpoint(run, hidden, use_reentrant=self.how == "reentrant")
         logits = self.model.lm_head(body.norm(hidden))
         return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
 
 
+def _fit_user_checkpointed(tmp_path: Path, how: str) -> tuple[UserCheckpointed, PEFTCallback]:
+    module = UserCheckpointed(how)
+    callback = PEFTCallback(LoRA(r=8, target_modules=["q_proj", "v_proj", "lm_head"]), target="model")
+    make_trainer(tmp_path / how, [callback], max_steps=3).fit(module, token_loader(batches=3))
+    return module, callback
+
+
+def test_reentrant_checkpointing_in_a_user_module_trains_the_adapters_inside_it(tmp_path: Path) -> None:
+    plain, plain_callback = _fit_user_checkpointed(tmp_path, "plain")
+    for how in ("reentrant", "non_reentrant"):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*got no gradient.*")
+            checkpointed, _ = _fit_user_checkpointed(tmp_path, how)
+        assert checkpointed.losses == pytest.approx(plain.losses, abs=1e-6), how
+        ours, reference = adapter_state_dict(checkpointed.model), adapter_state_dict(plain.model)
+        assert sorted(ours) == sorted(reference) and len(ours) == LORA_KEYS + 2
+        for key in ours:  # B starts at zero: equal B after 3 steps means the gradients flowed
+            torch.testing.assert_close(ours[key], reference[key], rtol=1e-5, atol=1e-6, msg=f"{how}: {key}")
+    # A model that does not checkpoint keeps no hook after the first step: its inputs never require grad again.
+    embed = plain.model.model.embed_tokens
+    assert not embed._forward_hooks and not plain.model._forward_pre_hooks and plain_callback._probe is None
+
+
+def test_the_probe_in_a_hand_written_loop_keeps_its_hooks_only_under_reentrant_checkpoints() -> None:
+    for how, kept in (("reentrant", True), ("non_reentrant", False), ("plain", False)):
+        module = UserCheckpointed(how)
+        inject(module.model, LoRA(r=8, target_modules=["q_proj", "v_proj"]))
+        probe = InputGradientProbe(module.model)
+        (ids,) = next(iter(token_loader(batches=1)))
+        for _ in range(2):
+            loss = module.loss((ids,))
+            assert probe.decide(loss) is kept, how
+            loss.backward()
+        grads = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
+        assert grads == [], how
+        assert bool(module.model.model.embed_tokens._forward_hooks) is kept, how
+
+
 def test_tensors_without_gradient_at_the_first_step_are_named(tmp_path: Path) -> None:
-    module = ReentrantCheckpointed()
-    method = LoRA(
-        r=8, target_modules=["q_proj", "v_proj", "lm_head"]
-    )  # the head's adapter is outside the checkpoints
-    trainer = make_trainer(tmp_path, [PEFTCallback(method, target="model")], max_steps=1)
-    with pytest.warns(UserWarning, match=r"8 trainable tensors got no gradient.*use_reentrant=True"):
-        trainer.fit(module, token_loader(batches=1))
+    with pytest.warns(UserWarning, match=r"8 trainable tensors got no gradient.*detached"):
+        module, _ = _fit_user_checkpointed(tmp_path, "detached")
     trained = {n for n, p in module.named_parameters() if p.requires_grad and p.grad is not None}
     assert trained == {"model.lm_head.lora_A.default.weight", "model.lm_head.lora_B.default.weight"}
 
