@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -47,6 +47,7 @@ from lightning_peft.core import (
 )
 from lightning_peft.gradient_flow import InputGradientProbe
 from lightning_peft.methods.base import ModulesToSave, PEFTMethod
+from lightning_peft.peft_format import refuse_non_finite
 
 CHECKPOINT_KEY = "lightning_peft"
 _PATCHED_HOOKS = ("configure_model", "configure_optimizers", "on_save_checkpoint", "on_load_checkpoint")
@@ -91,9 +92,14 @@ class PEFTCallback(Callback):
         adapter_only_checkpoints: Write only adapter weights (and their optimizer state) to checkpoints.
         merge_on_fit_end: Fold the adapter into the base weights when ``fit`` ends (mergeable methods only).
         adapter_name: Name of the adapter inside the model.
+        non_finite: What a NaN/inf gradient (a diverged loss, inf in the inputs) does: ``"raise"`` stops training
+            before that optimizer step, naming the step; ``"skip"`` drops that step's gradients and goes on (the
+            decision is taken on all-reduced gradients, so every rank takes the same). Either way a checkpoint
+            with non-finite adapter tensors is neither written nor resumed from. ``"allow"`` checks nothing.
+            Under fp16 mixed precision the gradient scaler skips such steps itself and no check runs.
 
     Raises:
-        ValueError: ``merge_on_fit_end=True`` for a method that cannot merge.
+        ValueError: ``merge_on_fit_end=True`` for a method that cannot merge, or an unknown ``non_finite``.
     """
 
     def __init__(
@@ -103,6 +109,7 @@ class PEFTCallback(Callback):
         adapter_only_checkpoints: bool = True,
         merge_on_fit_end: bool = False,
         adapter_name: str = "default",
+        non_finite: Literal["raise", "skip", "allow"] = "raise",
     ) -> None:
         if not isinstance(method, PEFTMethod):
             raise TypeError(
@@ -112,7 +119,10 @@ class PEFTCallback(Callback):
             raise ValueError(
                 f"merge_on_fit_end=True, but {method.name} cannot be merged into the base weights."
             )
+        if non_finite not in ("raise", "skip", "allow"):
+            raise ValueError(f"non_finite={non_finite!r} must be one of 'raise', 'skip', 'allow'.")
         self.method = method
+        self.non_finite = non_finite
         self.target = target
         self.adapter_only_checkpoints = adapter_only_checkpoints
         self.merge_on_fit_end = merge_on_fit_end
@@ -275,6 +285,12 @@ class PEFTCallback(Callback):
                     "lightning-peft does not know?). Nothing was written; inject into the unwrapped model, or "
                     "report the wrapper."
                 )
+            if self.non_finite != "allow":
+                refuse_non_finite(
+                    kept,
+                    "The checkpoint",
+                    "nothing was written (PEFTCallback(non_finite='allow') writes it).",
+                )
             if self.adapter_only_checkpoints:
                 # Written without wrapper segments: a checkpoint from a compiled run loads into a plain one too.
                 checkpoint["state_dict"] = {clean_key(k): v for k, v in kept.items()}
@@ -283,6 +299,7 @@ class PEFTCallback(Callback):
         self, pl_module: pl.LightningModule, original: Callable[..., Any], checkpoint: dict
     ) -> None:
         original(checkpoint)
+        self._refuse_other_hyperparameters(checkpoint)
         state = checkpoint.get("state_dict")
         if (
             state is not None
@@ -301,11 +318,39 @@ class PEFTCallback(Callback):
                 "It was written for another method, target or target_modules (or before PEFT was added); load it "
                 "with the same PEFTCallback configuration it was trained with."
             )
+        if state is not None and self.non_finite != "allow":
+            wanted = set(self.checkpoint_keys(pl_module))
+            refuse_non_finite(
+                {k: v for k, v in state.items() if clean_key(k) in wanted and isinstance(v, torch.Tensor)},
+                "The checkpoint",
+                "nothing was loaded (PEFTCallback(non_finite='allow') loads it).",
+            )
         training_state = (checkpoint.get(CHECKPOINT_KEY) or {}).get("training_state")
         trainer = getattr(pl_module, "_trainer", None)
         if training_state is None and (trainer is None or trainer.state.fn != TrainerFn.FITTING):
             return  # an older checkpoint evaluated, not resumed: nothing restarts, no warning
         self.method.load_training_state(self.target_module(pl_module), self.adapter_name, training_state)
+
+    def _refuse_other_hyperparameters(self, checkpoint: dict) -> None:
+        saved = (checkpoint.get(CHECKPOINT_KEY) or {}).get("method")
+        if not isinstance(saved, dict):
+            return  # written without PEFTCallback or by an older version: the key check below still runs
+        ours = self.method.config_dict()
+        init_only = set(self.method.init_only_fields)
+        theirs_args, ours_args = saved.get("init_args") or {}, ours["init_args"]
+        differ = [
+            f"{k}: checkpoint {theirs_args.get(k)!r}, callback {ours_args.get(k)!r}"
+            for k in sorted(set(theirs_args) | set(ours_args))
+            if k not in init_only and theirs_args.get(k) != ours_args.get(k)
+        ]
+        if saved.get("class_path") != ours["class_path"]:
+            differ.insert(0, f"method: checkpoint {saved.get('class_path')}, callback {ours['class_path']}")
+        if differ:
+            raise ValueError(
+                f"The checkpoint was trained with other {self.method.name} settings than this PEFTCallback's: "
+                f"{'; '.join(differ)}. Resume with the settings it was written with; to train on with new ones, "
+                "start a new run from its adapter (load_adapter(..., is_trainable=True))."
+            )
 
     # --- training-time hooks ---------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -394,6 +439,36 @@ class PEFTCallback(Callback):
                 if grad is not None:
                     param.grad = grad if param.grad is None else param.grad.add_(grad)
         pl_module.log("peft/extra_loss", extra.detach(), on_step=True, prog_bar=False)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.non_finite == "allow" or getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return
+        # After the all-reduce: every rank sees the same gradients and so takes the same decision.
+        params = [p for p in pl_module.parameters() if p.requires_grad and p.grad is not None]
+        if not params or bool(
+            torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in params]))).all()
+        ):
+            return
+        bad = [
+            clean_key(n)
+            for n, p in pl_module.named_parameters()
+            if p.requires_grad and p.grad is not None and not bool(torch.isfinite(p.grad).all())
+        ]
+        message = (
+            f"lightning-peft: step {trainer.global_step} (epoch {trainer.current_epoch}) has NaN/inf gradients in "
+            f"{len(bad)} trainable tensors, e.g. {bad[:3]} (a diverged loss, or NaN/inf in the batch)"
+        )
+        if self.non_finite == "skip":
+            for p in params:
+                p.grad = None
+            rank_zero_warn(f"{message}; the step is skipped (PEFTCallback(non_finite='skip')).")
+            return
+        raise FloatingPointError(
+            f"{message}. Training stopped before the optimizer step, so the adapter and its checkpoints stay "
+            "finite. Lower the learning rate or check the data; PEFTCallback(non_finite='skip') skips such steps."
+        )
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if trainer.global_step == self._last_global_step:

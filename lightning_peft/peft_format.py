@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import fields
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lightning_peft.atomic_io import write_directory
+from lightning_peft.atomic_io import describe_interrupted, write_directory
 from lightning_peft.core import (
     _require_record,
     adapter_state_dict,
@@ -79,7 +81,12 @@ def _task_type(model: nn.Module) -> str | None:
     return next((task for suffix, task in _TASK_SUFFIXES.items() if cls.endswith(suffix)), None)
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
+def save_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    adapter_name: str | None = None,
+    allow_non_finite: bool = False,
+) -> Path:
     """Write one adapter as ``adapter_config.json`` + ``adapter_model.safetensors`` (no base weights).
 
     The directory is written whole beside itself and swapped in (see :mod:`lightning_peft.atomic_io`), so a
@@ -90,6 +97,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         model: The model the adapter was injected into (for a PEFTCallback, the ``target`` submodule).
         directory: Created if missing.
         adapter_name: Which adapter; the active one by default.
+        allow_non_finite: Write tensors holding NaN or infinity (refused by default: the run diverged).
 
     Returns:
         The directory path.
@@ -121,6 +129,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         for k, v in method.to_peft_state_dict(model, name, state).items()
     }
     tensors = method.to_peft_tensors(model, name, tensors)
+    if not allow_non_finite:
+        refuse_non_finite(
+            tensors, f"save_adapter({directory})", "nothing was written; allow_non_finite=True writes them."
+        )
     # Weights first: where the directory cannot be swapped whole, a kill between the two leaves the old config.
     write_directory(
         directory,
@@ -134,17 +146,126 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     return directory
 
 
+#: Keys peft writes that describe the file or only initialise a new adapter: accepted with any value.
+PEFT_METADATA_KEYS = frozenset(
+    {
+        "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+        "peft_version", "fan_in_fan_out", "qalora_group_size", "megatron_core", "ensure_weight_tying",
+        "runtime_config", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "tokenizer_kwargs",
+        "tokenizer_name_or_path", "prompt_tuning_init_text", "token_dim", "num_attention_heads", "num_layers",
+        "num_transformer_submodules",
+    }
+)  # fmt: skip
+#: Keys of peft features lightning-peft does not have: accepted only unset (null, false, empty), since a set one
+#: changes what the adapter computes.
+PEFT_UNSUPPORTED_KEYS = frozenset(
+    {
+        "layers_to_transform", "layers_pattern", "layer_replication", "use_qalora", "alora_invocation_tokens",
+        "target_parameters", "trainable_token_indices", "use_bdlora", "megatron_config", "arrow_config",
+        "monteclora_config", "velora_config", "kasa_config", "lora_bias",
+    }
+)  # fmt: skip
+#: Keys peft writes that some method of ours reads.
+PEFT_METHOD_KEYS = frozenset(
+    {
+        "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "modules_to_save", "bias",
+        "use_rslora", "use_dora", "init_lora_weights", "rank_pattern", "alpha_pattern", "target_r", "init_r",
+        "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step", "feedforward_modules",
+        "init_ia3_weights", "num_virtual_tokens", "prompt_tuning_init", "encoder_hidden_size",
+        "encoder_num_layers", "encoder_dropout", "encoder_reparameterization_type", "prefix_projection",
+        "init_weights", "methods",
+    }
+)  # fmt: skip
+
+
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object in ``directory/adapter_config.json``; any other content is an error naming the file."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}."
+            f"{describe_interrupted(Path(directory))}"
         )
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"{path} is not valid UTF-8 JSON ({error}); write it again with save_adapter."
+        ) from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object of adapter settings.")
+    return config
+
+
+def check_config_keys(path: Path, config: dict[str, Any], method_cls: type) -> None:
+    """Refuse keys no method reads (typos, with the nearest known key) and set keys of peft features we lack."""
+    known = (
+        PEFT_METADATA_KEYS | PEFT_UNSUPPORTED_KEYS | PEFT_METHOD_KEYS | {f.name for f in fields(method_cls)}
+    )
+    unknown = sorted(k for k in config if k not in known)
+    if unknown:
+        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := get_close_matches(k, known, n=1)) else repr(k)
+                 for k in unknown]  # fmt: skip
+        raise ValueError(
+            f"{path}: unknown keys {', '.join(hints)} for {config.get('peft_type')}; an ignored key would silently "
+            "change nothing. Correct or remove them."
+        )
+    used = sorted(k for k in PEFT_UNSUPPORTED_KEYS if config.get(k) not in (None, False, [], {}))
+    if used:
+        raise ValueError(
+            f"{path} sets {used} ({', '.join(repr(config[k]) for k in used)}): peft features lightning-peft does "
+            "not implement, which change what the adapter computes. Load it with peft, or retrain without them."
+        )
+
+
+def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    weights_path = directory / WEIGHTS_NAME
+    if weights_path.is_file():
+        try:
+            return load_file(weights_path)
+        except Exception as error:  # safetensors raises its own error types for truncated or garbage files
+            raise ValueError(
+                f"{weights_path} cannot be read ({type(error).__name__}: {error}): the file is truncated or not "
+                "safetensors. Save the adapter again."
+            ) from None
+    if (legacy := directory / LEGACY_WEIGHTS_NAME).is_file():
+        try:
+            return torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ValueError(
+                f"{legacy} cannot be read as tensors ({type(error).__name__}: {error})."
+            ) from None
+    raise FileNotFoundError(f"{weights_path} not found.{describe_interrupted(directory)}")
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded tensor (FSDP's ShardedTensor, DTensor); the tensor itself otherwise."""
+    if callable(getattr(tensor, "local_tensor", None)):
+        return tensor.local_tensor()
+    if callable(getattr(tensor, "to_local", None)):
+        return tensor.to_local()
+    return tensor
+
+
+def refuse_non_finite(tensors: dict[str, torch.Tensor], where: str, opt_out: str) -> None:
+    """Raise ``ValueError`` naming the tensors in ``tensors`` that hold NaN or infinity (``opt_out``: how to
+    proceed anyway)."""
+    bad = sorted(
+        k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(_local(v)).all())
+    )
+    if bad:
+        raise ValueError(
+            f"{where}: {len(bad)} adapter tensors hold NaN or infinity, e.g. {bad[:3]}: the run that wrote them "
+            f"diverged. Use an earlier checkpoint or adapter (lower the learning rate, check the data); {opt_out}"
+        )
 
 
 def load_adapter(
-    model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+    model: nn.Module,
+    directory: str | os.PathLike,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    allow_non_finite: bool = False,
 ) -> nn.Module:
     """Inject the method described in ``directory`` (ours or written by peft) and load its weights.
 
@@ -153,22 +274,26 @@ def load_adapter(
         directory: An adapter directory.
         adapter_name: Name to give the adapter in this model.
         is_trainable: Keep the adapter's parameters trainable (to continue training); frozen by default.
+        allow_non_finite: Load tensors holding NaN or infinity (refused by default: a diverged run wrote them).
 
     Raises:
         ValueError: the files miss some of the adapter's tensors or hold tensors it does not have.
     """
     outer, model = model, unwrap(model)
+    directory = Path(directory)
+    config_path = directory / CONFIG_NAME
     config = read_adapter_config(directory)
-    if "peft_type" not in config:
-        raise ValueError(f"{Path(directory) / CONFIG_NAME} has no 'peft_type'; it is not an adapter config.")
-    weights_path = Path(directory) / WEIGHTS_NAME
-    if weights_path.is_file():
-        tensors = load_file(weights_path)
-    elif (legacy := Path(directory) / LEGACY_WEIGHTS_NAME).is_file():
-        tensors = torch.load(legacy, map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{weights_path} not found.")
-    method = method_for_peft_type(config["peft_type"]).from_peft_config(config)
+    if not isinstance(config.get("peft_type"), str):
+        raise ValueError(f"{config_path} has no 'peft_type' string; it is not an adapter config.")
+    method_cls = method_for_peft_type(config["peft_type"])
+    check_config_keys(config_path, config, method_cls)
+    tensors = _read_tensors(directory)
+    if not allow_non_finite:
+        refuse_non_finite(tensors, str(directory), "allow_non_finite=True loads them anyway.")
+    try:
+        method = method_cls.from_peft_config(config)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{config_path}: {error}") from None
     record = injection_record(model)
     previous_active = record.active if record is not None else None
     wrappers_before = {id(layer) for _, layer in adapter_layers(model)}

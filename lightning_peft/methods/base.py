@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lightning_peft.methods.field_types import check_field_types
 from lightning_peft.targeting import find_targets, replace_module
 
 _REGISTRY: dict[str, type[PEFTMethod]] = {}
@@ -199,7 +200,14 @@ class PEFTMethod:
             _REGISTRY[cls.peft_type] = cls
 
     def __post_init__(self) -> None:
-        self.validate()
+        # The method's own checks first (their messages are the most specific); a value of the wrong type that
+        # they let through, or trip over, is then named by its annotation.
+        try:
+            self.validate()
+        except (TypeError, AttributeError):
+            check_field_types(self)
+            raise
+        check_field_types(self)
 
     def validate(self) -> None:
         """Raise ``ValueError`` for bad hyperparameters (called at construction)."""

@@ -247,8 +247,9 @@ class LoRA(PEFTMethod):
             alpha=config["lora_alpha"],
             dropout=config.get("lora_dropout", 0.0),
             bias=config.get("bias", "none"),
-            use_rslora=bool(config.get("use_rslora", False)),
-            use_dora=bool(config.get("use_dora") or False),  # absent in pre-DoRA files: explicitly plain LoRA
+            use_rslora=config.get("use_rslora", False),
+            use_dora=config.get("use_dora")
+            or False,  # absent (or null) in pre-DoRA files: explicitly plain LoRA
             init_lora_weights=config.get("init_lora_weights", True),
             rank_pattern=dict(config.get("rank_pattern") or {}),
             alpha_pattern=dict(config.get("alpha_pattern") or {}),
