@@ -43,7 +43,8 @@ from pathlib import Path
 from types import MethodType
 from typing import Any, NoReturn
 
-from jsonargparse import Namespace, lazy_instance, set_parsing_settings
+import yaml
+from jsonargparse import Namespace, get_loader, lazy_instance, set_loader, set_parsing_settings
 from jsonargparse.typing import class_from_function
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
@@ -66,6 +67,38 @@ from lightning_peft.prediction_writer import PredictionWriter
 from lightning_peft.tasks import SequenceClassificationModule
 
 PEFT_KEY = "peft"
+YAML_MODE = "lightning_peft_yaml"
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last one silently:
+    a second ``trainer:`` would replace the first whole)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None,
+                    f"the key {key!r} is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
+                    "the second would silently replace the first. Merge them into one.",
+                    key_node.start_mark,
+                )  # fmt: skip
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _strict_yaml_load(stream: str) -> Any:
+    if isinstance(stream, str) and ":" in stream:
+        yaml.load(
+            stream, Loader=_UniqueKeyLoader
+        )  # only to refuse duplicates; the value comes from jsonargparse
+    return _JSONARGPARSE_YAML(stream)
+
+
+_JSONARGPARSE_YAML = get_loader("yaml")
+set_loader(YAML_MODE, _strict_yaml_load, exceptions=(yaml.YAMLError,))
 
 
 class PEFTArgumentParser(LightningArgumentParser):
@@ -378,6 +411,7 @@ def cli_main(args: ArgsType = None) -> PEFTLightningCLI:
         model_class=None,  # any LightningModule, by class_path
         datamodule_class=None,  # any LightningDataModule, by class_path
         args=args,
+        parser_kwargs={"parser_mode": YAML_MODE},
     )
 
 

@@ -120,6 +120,11 @@ def inject(model: nn.Module, method: PEFTMethod, adapter_name: str = "default") 
     _refuse_data_parallel(model)
     wrapper, model = model, unwrap(model)
     record = injection_record(model)
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(
+            f"adapter_name={adapter_name!r}: use a non-empty name without '.' (it becomes a module and state-dict "
+            "key segment), e.g. 'default' or 'sql'."
+        )
     if record is not None and adapter_name in record.methods:
         raise ValueError(
             f"Adapter '{adapter_name}' is already injected into this model ({record.methods[adapter_name].name}). "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import fields
 from difflib import get_close_matches
 from pathlib import Path
@@ -33,7 +34,13 @@ from lightning_peft.core import (
     injection_record,
     unwrap,
 )
-from lightning_peft.methods.base import AdapterLayer, adapter_layers, method_for_peft_type
+from lightning_peft.methods.base import (
+    AdapterLayer,
+    adapter_layers,
+    method_for_peft_type,
+    restorable_base_changes,
+)
+from lightning_peft.targeting import check_pattern
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -210,12 +217,59 @@ def check_config_keys(path: Path, config: dict[str, Any], method_cls: type) -> N
             f"{path}: unknown keys {', '.join(hints)} for {config.get('peft_type')}; an ignored key would silently "
             "change nothing. Correct or remove them."
         )
+    for where, pattern in _patterns(config):
+        check_pattern(pattern, f"{path}: {where}")
     used = sorted(k for k in PEFT_UNSUPPORTED_KEYS if config.get(k) not in (None, False, [], {}))
     if used:
         raise ValueError(
             f"{path} sets {used} ({', '.join(repr(config[k]) for k in used)}): peft features lightning-peft does "
             "not implement, which change what the adapter computes. Load it with peft, or retrain without them."
         )
+
+
+def _patterns(config: Any, where: str = "") -> Iterator[tuple[str, str]]:
+    """Every regular expression in a config (nested method configs too): string target/exclude modules and the
+    keys of rank/alpha patterns."""
+    if isinstance(config, dict):
+        for key, value in config.items():
+            at = f"{where}{key}"
+            if key in ("target_modules", "exclude_modules") and isinstance(value, str):
+                yield at, value
+            elif key in ("rank_pattern", "alpha_pattern") and isinstance(value, dict):
+                yield from ((f"{at}[{k!r}]", k) for k in value if isinstance(k, str))
+            else:
+                yield from _patterns(value, f"{at}.")
+    elif isinstance(config, list):
+        for i, item in enumerate(config):
+            yield from _patterns(item, f"{where.rstrip('.')}[{i}].")
+
+
+def _base_tensors(model: nn.Module) -> list[torch.Tensor]:
+    return [*model.parameters(), *model.buffers()]
+
+
+def _load_into(
+    model: nn.Module, method: Any, adapter_name: str, tensors: dict[str, torch.Tensor], directory: Path
+) -> None:
+    tensors = method.from_peft_tensors(model, adapter_name, tensors)
+    expected = {to_peft_key(k, adapter_name): k for k in adapter_state_keys(model, adapter_name)}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    shapes = model.state_dict()
+    mismatched = sorted(
+        f"{k} {tuple(tensors[k].shape)} vs {tuple(shapes[expected[k]].shape)}"
+        for k in set(expected) & set(tensors)
+        if tensors[k].shape != shapes[expected[k]].shape
+    )
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"Adapter files in {directory} do not fit the injected {method.name}: "
+            f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}, "
+            f"wrong shape (file vs model) {mismatched[:5]}{' ...' if len(mismatched) > 5 else ''}. "
+            "Was it trained on a different base model or with other target_modules?"
+        )
+    model.load_state_dict({expected[k]: v for k, v in tensors.items()}, strict=False)
 
 
 def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -297,29 +351,24 @@ def load_adapter(
     record = injection_record(model)
     previous_active = record.active if record is not None else None
     wrappers_before = {id(layer) for _, layer in adapter_layers(model)}
-    inject(model, method, adapter_name)
-    tensors = method.from_peft_tensors(model, adapter_name, tensors)
-    expected = {to_peft_key(k, adapter_name): k for k in adapter_state_keys(model, adapter_name)}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    shapes = model.state_dict()
-    mismatched = sorted(
-        f"{k} {tuple(tensors[k].shape)} vs {tuple(shapes[expected[k]].shape)}"
-        for k in set(expected) & set(tensors)
-        if tensors[k].shape != shapes[expected[k]].shape
-    )
-    if missing or unexpected or mismatched:
-        # Refused: take the adapter out again, so the model is as it was before the call.
-        discard_adapter(model, adapter_name, wrappers_before, previous_active)
-        raise ValueError(
-            f"Adapter files in {directory} do not fit the injected {method.name}: "
-            f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}, "
-            f"wrong shape (file vs model) {mismatched[:5]}{' ...' if len(mismatched) > 5 else ''}. "
-            "Was it trained on a different base model or with other target_modules?"
-        )
-    state = {expected[k]: v for k, v in tensors.items()}
-    model.load_state_dict(state, strict=False)
+    versions = {id(t): t._version for t in _base_tensors(model)}
+    with restorable_base_changes() as changes:
+        inject(model, method, adapter_name)
+        try:
+            _load_into(model, method, adapter_name, tensors, directory)
+        except BaseException:
+            # Refused: take the adapter out and put back what it changed, so the model is as it was.
+            discard_adapter(model, adapter_name, wrappers_before, previous_active)
+            changes.restore()
+            changed = [
+                t for t in _base_tensors(model) if t._version != versions.get(id(t)) and t not in changes
+            ]
+            if changed:  # a method wrote into the base without announcing it: say so rather than hide it
+                raise RuntimeError(
+                    f"The refused load of {directory} changed {len(changed)} base tensors in place that could not "
+                    f"be restored ({method.name} does not call about_to_change_base); reload the base model."
+                ) from None
+            raise
     if not is_trainable:
         model.requires_grad_(False)
     return outer

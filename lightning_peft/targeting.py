@@ -17,9 +17,72 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
+try:  # the regex parser of the standard library (3.11+ names it re._parser)
+    import re._constants as _sre_constants
+    import re._parser as _sre_parse
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_constants as _sre_constants  # type: ignore[no-redef]
+    import sre_parse as _sre_parse  # type: ignore[no-redef]
+
+_REPEATS = {_sre_constants.MAX_REPEAT, _sre_constants.MIN_REPEAT} | (
+    {_sre_constants.POSSESSIVE_REPEAT} if hasattr(_sre_constants, "POSSESSIVE_REPEAT") else set()
+)
+
 ALL_LINEAR = "all-linear"
 
 TargetSpec = str | Sequence[str] | None
+
+
+MAX_PATTERN_LENGTH = 500
+_MAX_OPEN_REPEATS = 6
+
+
+def check_pattern(pattern: str, where: str) -> None:
+    """Refuse a regular expression that could take exponential time on a module name (a repetition holding
+    another repetition or an alternation, e.g. ``(.|.)*Z``), an overlong or invalid one; ``where`` names its
+    source. Patterns from files must pass before anything matches them."""
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        raise ValueError(f"{where}: the pattern is {len(pattern)} characters (at most {MAX_PATTERN_LENGTH}).")
+    try:
+        parsed = _sre_parse.parse(pattern)
+    except re.error as error:
+        raise ValueError(f"{where}: {pattern!r} is not a valid regular expression ({error}).") from None
+    open_repeats = _count_open_repeats(parsed.data)
+    if _nested_repetition(parsed.data, inside=False) or open_repeats > _MAX_OPEN_REPEATS:
+        raise ValueError(
+            f"{where}: {pattern!r} repeats a group that itself repeats or alternates (or has more than "
+            f"{_MAX_OPEN_REPEATS} open repetitions): matching it can take exponential time. Use a list of module "
+            "names, or a pattern such as '.*\\.(q_proj|v_proj)'."
+        )
+
+
+def _children(av: object) -> Iterable[list]:
+    """The sub-patterns inside one parsed node's argument."""
+    if isinstance(av, _sre_parse.SubPattern):
+        yield av.data
+    elif isinstance(av, (tuple, list)):
+        for item in av:
+            yield from _children(item)
+
+
+def _is_open_repeat(op: object, av: object) -> bool:
+    return op in _REPEATS and (av[1] is _sre_constants.MAXREPEAT or av[1] > 1)  # type: ignore[index]
+
+
+def _nested_repetition(nodes: list, inside: bool) -> bool:
+    for op, av in nodes:
+        repeat = _is_open_repeat(op, av)
+        if inside and (repeat or op is _sre_constants.BRANCH):
+            return True
+        if any(_nested_repetition(child, inside or repeat) for child in _children(av)):
+            return True
+    return False
+
+
+def _count_open_repeats(nodes: list) -> int:
+    return sum(
+        _is_open_repeat(op, av) + sum(_count_open_repeats(c) for c in _children(av)) for op, av in nodes
+    )
 
 
 def name_matches(name: str, spec: str | Sequence[str]) -> bool:

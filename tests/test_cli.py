@@ -340,6 +340,21 @@ def test_config_key_that_does_not_exist_is_a_clear_error(capsys, tmp_path, yaml_
     assert all(text in err for text in expected), err
 
 
+@pytest.mark.parametrize(
+    ("yaml_text", "lines"),
+    [
+        ("trainer:\n  max_epochs: 1\ndata:\n  batch_size: 4\ntrainer:\n  max_steps: 2\n", "(lines 1 and 5)"),
+        ("trainer:\n  max_epochs: 1\n  max_epochs: 3\n", "(lines 2 and 3)"),
+    ],
+    ids=["top-level", "nested"],
+)
+def test_a_key_given_twice_in_a_config_is_refused(capsys, tmp_path, yaml_text, lines):
+    extra = tmp_path / "twice.yaml"
+    extra.write_text(yaml_text)
+    err = _parse_error(capsys, "--config", str(extra))
+    assert "is given twice" in err and lines in err and "Merge them into one" in err, err
+
+
 def test_unknown_command_line_option_is_a_clear_error(capsys):
     err = _parse_error(capsys, "--trainer.maxx_epochs", "3")
     assert "--trainer.maxx_epochs" in err and "did you mean trainer.max_epochs" in err

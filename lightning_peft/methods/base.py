@@ -18,6 +18,7 @@ branch on the method type:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from collections.abc import Iterator
@@ -31,6 +32,43 @@ from lightning_peft.methods.field_types import check_field_types
 from lightning_peft.targeting import find_targets, replace_module
 
 _REGISTRY: dict[str, type[PEFTMethod]] = {}
+
+
+_BASE_GUARDS: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = []
+
+
+def about_to_change_base(tensor: torch.Tensor) -> None:
+    """Call before writing into a base model's tensor in place (PiSSA's residual weight): inside
+    :func:`restorable_base_changes` its value is kept so that a refused load can put it back bit for bit."""
+    for guard in _BASE_GUARDS:
+        if id(tensor) not in guard:
+            guard[id(tensor)] = (tensor, tensor.detach().clone())
+
+
+class BaseChanges:
+    """The base tensors changed in place inside :func:`restorable_base_changes`, and their earlier values."""
+
+    def __init__(self, saved: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self._saved = saved
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for tensor, value in self._saved.values():
+                tensor.copy_(value)
+
+    def __contains__(self, tensor: torch.Tensor) -> bool:
+        return id(tensor) in self._saved
+
+
+@contextlib.contextmanager
+def restorable_base_changes() -> Iterator[BaseChanges]:
+    """Keep the earlier value of every base tensor a method announces (:func:`about_to_change_base`) it changes."""
+    saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    _BASE_GUARDS.append(saved)
+    try:
+        yield BaseChanges(saved)
+    finally:
+        _BASE_GUARDS.remove(saved)
 
 
 class NotMergeableError(RuntimeError):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -164,6 +165,7 @@ class LoRA(PEFTMethod):
             r = int(pattern_value(name, self.rank_pattern, self.r))
             self._check_target(name, layer, r)
             planned.append((name, module, layer, r, pattern_value(name, self.alpha_pattern, self.alpha)))
+        _warn_about_ranks_beyond_width(planned)
         for name, module, layer, r, alpha in planned:
             layer.update_layer(
                 adapter_name, r, alpha, self.dropout, self.use_rslora, self.use_dora, self.init_lora_weights
@@ -254,4 +256,21 @@ class LoRA(PEFTMethod):
             rank_pattern=dict(config.get("rank_pattern") or {}),
             alpha_pattern=dict(config.get("alpha_pattern") or {}),
             modules_to_save=config.get("modules_to_save"),
+        )
+
+
+def _warn_about_ranks_beyond_width(planned: list[tuple[str, nn.Module, LoraLayer, int, float]]) -> None:
+    """A rank above min(in, out) adds parameters but no expressiveness: B @ A cannot exceed the layer's rank."""
+    wide = [
+        (name, r, width)
+        for name, _, layer, r, _ in planned
+        if (width := min(getattr(layer, "in_features", r), getattr(layer, "out_features", r))) < r
+    ]
+    if wide:
+        name, r, width = wide[0]
+        warnings.warn(
+            f"LoRA r={r} exceeds the width of {len(wide)} target layers (e.g. {name}: min(in, out) = {width}): the "
+            "update cannot have a higher rank than the layer, so the extra parameters add nothing. Lower r, set "
+            "rank_pattern for those layers, or train them in full (modules_to_save).",
+            stacklevel=4,
         )

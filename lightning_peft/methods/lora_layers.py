@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.methods.base import AdapterLayer, NotMergeableError
+from lightning_peft.methods.base import AdapterLayer, NotMergeableError, about_to_change_base
 from lightning_peft.methods.lora_kernels import FusedDoraLinear, FusedLoraLinear
 from lightning_peft.transformers_compat import Conv1D
 
@@ -303,6 +303,7 @@ class LoraLinear(LoraLayer):
             self.lora_A[adapter_name].weight.copy_(A)
             self.lora_B[adapter_name].weight.copy_(B)
             # The base keeps the residual, so the adapted output equals the original at init.
+            about_to_change_base(weight)
             weight.copy_(self._oriented(W - scaling * (B @ A)).to(weight.dtype))
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:

@@ -172,6 +172,7 @@ class PromptLearningMethod(PEFTMethod):
             check_forward_accepts(host, ("inputs_embeds",), self.name)
         if self.kind == "prefix" and checkpointing(host):
             raise ValueError(CHECKPOINTING_ERROR.format(method=self.name))
+        self._check_positions(host)
         embedding = host.get_input_embeddings()
         layer = embedding if isinstance(embedding, VirtualTokens) else None
         base = layer.base_layer if layer is not None else embedding
@@ -185,6 +186,33 @@ class PromptLearningMethod(PEFTMethod):
             replace_module(model, next(n for n, m in model.named_modules() if m is embedding), layer)
         layer.add_adapter(adapter_name, encoder, spec)
         install_hooks(host)
+
+    def _check_positions(self, host: nn.Module) -> None:
+        """Virtual tokens take positions of a learned (absolute) position table: they must leave room for input."""
+        config = getattr(host, "config", None)
+        positions = next(
+            (
+                v
+                for k in ("max_position_embeddings", "n_positions")
+                if isinstance(v := getattr(config, k, None), int)
+            ),
+            None,
+        )
+        if positions is None or self.num_virtual_tokens < positions:
+            return
+        learned = [
+            n
+            for n, m in host.named_modules()
+            if isinstance(m, nn.Embedding)
+            and m.num_embeddings in (positions, positions + 2)  # OPT's table is offset by 2
+            and ("pos" in n.rsplit(".", 1)[-1] or n.endswith("wpe"))
+        ]
+        if learned:
+            raise ValueError(
+                f"{self.name} num_virtual_tokens={self.num_virtual_tokens} fills all {positions} positions of "
+                f"{type(host).__name__} ({learned[0]}), leaving none for the input. Use fewer virtual tokens: "
+                f"inputs must fit in {positions} - num_virtual_tokens (e.g. data.max_length)."
+            )
 
     # --- the Hugging Face peft file format ------------------------------------------------------------------
     def to_peft_config(self, model: nn.Module, adapter_name: str) -> dict[str, Any]:
