@@ -14,7 +14,9 @@ Formats, chosen by the file extension:
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,7 +59,7 @@ def read_records(
     if suffix not in FORMATS or (suffix == ".txt" and text_column is None):
         formats = [f for f in FORMATS if f != ".txt" or text_column is not None]
         raise DataFileError(f"{role} {path}: unknown format {suffix!r}; use one of {formats}.")
-    with open(path, encoding="utf-8", newline="") as handle:
+    with io.StringIO(_decode(path, role), newline="") as handle:
         if suffix in (".csv", ".tsv"):
             records = _read_table(
                 path, handle, delimiter="," if suffix == ".csv" else "\t", required=required
@@ -78,7 +80,52 @@ def read_records(
                 f"{path}, line {line}: {what} {missing} (columns found: {sorted(record)}). Rename the columns "
                 f"or set the data module's column arguments."
             )
+        for column in required:
+            value = record[column]
+            if isinstance(value, str) and not value.strip():
+                raise DataFileError(
+                    f"{path}, line {line}: {column!r} is empty; an empty example teaches nothing (and an empty "
+                    "label is no class). Remove the line or fill it in."
+                )
     return records
+
+
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)  # fmt: skip  (UTF-32 LE before UTF-16 LE: its BOM starts with UTF-16 LE's)
+
+
+def _decode(path: Path, role: str) -> str:
+    """The file's text: UTF-8, or the UTF-8/16/32 its byte-order mark names; anything else is an error naming
+    the line, the column and how to convert."""
+    data = path.read_bytes()
+    encoding = next((name for bom, name in _BOMS if data.startswith(bom)), "utf-8")
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as error:
+        line, column = _position(data, error.start)
+        byte = data[error.start : error.start + 1].hex()
+        raise DataFileError(
+            f"{role} {path}, line {line}, column {column}: byte 0x{byte} is not {encoding} text. Convert the file to "
+            f"UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > utf8_{path.name}` (latin1/cp1252 for Western "
+            "European text from Excel, utf-16 for files from Windows tools without a byte-order mark)."
+        ) from None
+    if "\x00" in text:
+        line, column = _position(data, data.index(b"\x00"))
+        raise DataFileError(
+            f"{role} {path}, line {line}, column {column}: a NUL byte: the file is binary, or UTF-16 without a "
+            f"byte-order mark. Save it as UTF-8 (e.g. `iconv -f utf-16 -t utf-8 {path.name} > utf8_{path.name}`)."
+        )
+    return text
+
+
+def _position(data: bytes, offset: int) -> tuple[int, int]:
+    """1-based (line, column) of a byte offset."""
+    return data.count(b"\n", 0, offset) + 1, offset - (data.rfind(b"\n", 0, offset) + 1) + 1
 
 
 def string_values(path: str | Path, line: int, record: dict[str, Any], columns: Sequence[str]) -> list[str]:
@@ -120,6 +167,8 @@ def _read_json(path: Path, content: str) -> list[Record]:
 def _read_table(path: Path, handle: Any, delimiter: str, required: Sequence[str]) -> list[Record]:
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     reader = csv.DictReader(handle, delimiter=delimiter, quoting=quoting, strict=True)
+    # csv refuses fields over 128 KiB by default; no field can be longer than the file (restored afterwards).
+    limit = csv.field_size_limit(max(csv.field_size_limit(), len(handle.getvalue()) + 1))
     try:
         header = reader.fieldnames
         absent = [c for c in required if c not in (header or [])]
@@ -142,4 +191,6 @@ def _read_table(path: Path, handle: Any, delimiter: str, required: Sequence[str]
             records.append((reader.line_num, row))
     except csv.Error as error:
         raise DataFileError(f"{path}, line {reader.line_num}: malformed row ({error}).") from None
+    finally:
+        csv.field_size_limit(limit)
     return records

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch import LightningModule
+from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import (
     AutoConfig,
@@ -164,7 +165,25 @@ class TransformersModule(LightningModule):
         # from_pretrained returns the model in eval mode and Lightning keeps each submodule's mode as found:
         # without this, dropout would stay off during training.
         model.train(self.training)
+        self._check_max_length(model)
         self.model = model
+
+    def _check_max_length(self, model: nn.Module) -> None:
+        """Inputs longer than a learned position table crash deep inside the model: refuse them before any step."""
+        table = hf.learned_positions(model)
+        if table is None:
+            return
+        lengths = {"model.max_length": self.max_length}
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if isinstance(getattr(datamodule, "max_length", None), int):
+            lengths["data.max_length"] = datamodule.max_length
+        too_long = {k: v for k, v in lengths.items() if isinstance(v, int) and v > table[0]}
+        if too_long:
+            raise ValueError(
+                f"{', '.join(f'{k}={v}' for k, v in too_long.items())} exceeds the {table[0]} positions of "
+                f"{type(model).__name__} ({table[1]}); longer inputs would crash inside the model. Set it to at "
+                f"most {table[0]}."
+            )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # Over every parameter on purpose: PEFTCallback drops the frozen ones from the groups after injection.

@@ -269,3 +269,27 @@ def keep_in_fp32_modules(model: nn.Module) -> list[str]:
         for attr in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
             names += [n for n in getattr(module, attr, None) or () if n not in names]
     return names
+
+
+def learned_positions(model: nn.Module) -> tuple[int, str] | None:
+    """``(positions, module name)`` of a model's learned (absolute) position table (BERT, GPT-2, OPT, ...): the
+    hard limit on sequence length. ``None`` for rotary/relative models, whose nominal maximum is no table."""
+    config = getattr(model, "config", None)
+    positions = next(
+        (
+            v
+            for k in ("max_position_embeddings", "n_positions")
+            if isinstance(v := getattr(config, k, None), int)
+        ),
+        None,
+    )
+    if positions is None:
+        return None
+    for name, module in model.named_modules():
+        if (
+            isinstance(module, nn.Embedding)
+            and module.num_embeddings in (positions, positions + 2)  # OPT's table is offset by 2
+            and ("pos" in name.rsplit(".", 1)[-1] or name.endswith("wpe"))
+        ):
+            return positions, name
+    return None

@@ -516,3 +516,14 @@ def test_merge_on_fit_end_without_a_method_is_a_clear_error():
             model_class=None, datamodule_class=None, run=False,
             args=["--config", str(CONFIGS / "full_finetune.yaml"), "--peft.merge_on_fit_end", "true"],
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("where", ["model", "data"])
+def test_max_length_beyond_the_models_positions_is_refused_before_training(tmp_path, where):
+    config = tiny_config(tmp_path)
+    config[where]["init_args"]["max_length"] = 1000  # MiniLM has 512 learned positions
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match=rf"{where}.max_length=1000.* exceeds the 512 positions of BertFor"):
+        cli_main(["fit", "--config", str(path)])
+    assert not (tmp_path / "checkpoints").exists() and not list(tmp_path.rglob("*.ckpt"))

@@ -88,6 +88,42 @@ def test_malformed_files_name_the_file_and_line(tmp_path, name, content, message
         read_records(write(tmp_path / name, content), ["text", "label"])
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("a.csv", "text,label\nfine,1\ncaf\u00e9,0\n".encode("latin-1"),
+         r"a\.csv, line 3, column 4: byte 0xe9 is not utf-8 text.*iconv -f latin1"),
+        ("a.jsonl", '{"text": "a", "label": 0}\n'.encode("utf-16-le"), r"a\.jsonl, line 1, column 2: a NUL byte.*UTF-16 without a byte-order mark"),
+        ("a.jsonl", b'{"text": "a", "label": 0}\n{"text": "  ", "label": 1}\n', r"line 2: 'text' is empty"),
+        ("a.csv", b"text,label\nfine,1\nnul\x00here,0\n", r"a\.csv, line 3, column 4: a NUL byte"),
+    ],
+    ids=["latin-1", "utf-16-without-bom", "empty-text", "nul-byte"],
+)  # fmt: skip
+def test_undecodable_empty_or_binary_texts_name_the_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataFileError, match=message):
+        read_records(path, ["text", "label"])
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-32"])
+def test_files_with_a_byte_order_mark_are_read_in_its_encoding(tmp_path, encoding):
+    path = tmp_path / "a.csv"
+    path.write_bytes("text,label\ncaf\u00e9 cr\u00e8me,1\n".encode(encoding))
+    assert read_records(path, ["text", "label"]) == [(2, {"text": "caf\u00e9 cr\u00e8me", "label": "1"})]
+
+
+def test_a_csv_field_of_a_megabyte_is_read_whole(tmp_path):
+    import csv
+
+    limit = csv.field_size_limit()
+    long_text = "word " * 200_000
+    path = tmp_path / "a.csv"
+    path.write_text(f'text,label\n"{long_text}",1\nshort,0\n')
+    records = read_records(path, ["text", "label"])
+    assert [len(r["text"]) for _, r in records] == [1_000_000, 5] and csv.field_size_limit() == limit
+
+
 def test_missing_file_names_the_argument(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"val_file '.*nope\.jsonl' does not exist"):
         read_records(tmp_path / "nope.jsonl", ["text"], role="val_file")

@@ -189,29 +189,12 @@ class PromptLearningMethod(PEFTMethod):
 
     def _check_positions(self, host: nn.Module) -> None:
         """Virtual tokens take positions of a learned (absolute) position table: they must leave room for input."""
-        config = getattr(host, "config", None)
-        positions = next(
-            (
-                v
-                for k in ("max_position_embeddings", "n_positions")
-                if isinstance(v := getattr(config, k, None), int)
-            ),
-            None,
-        )
-        if positions is None or self.num_virtual_tokens < positions:
-            return
-        learned = [
-            n
-            for n, m in host.named_modules()
-            if isinstance(m, nn.Embedding)
-            and m.num_embeddings in (positions, positions + 2)  # OPT's table is offset by 2
-            and ("pos" in n.rsplit(".", 1)[-1] or n.endswith("wpe"))
-        ]
-        if learned:
+        table = hf.learned_positions(host)
+        if table is not None and self.num_virtual_tokens >= table[0]:
             raise ValueError(
-                f"{self.name} num_virtual_tokens={self.num_virtual_tokens} fills all {positions} positions of "
-                f"{type(host).__name__} ({learned[0]}), leaving none for the input. Use fewer virtual tokens: "
-                f"inputs must fit in {positions} - num_virtual_tokens (e.g. data.max_length)."
+                f"{self.name} num_virtual_tokens={self.num_virtual_tokens} fills all {table[0]} positions of "
+                f"{type(host).__name__} ({table[1]}), leaving none for the input. Use fewer virtual tokens: "
+                f"inputs must fit in {table[0]} - num_virtual_tokens (e.g. data.max_length)."
             )
 
     # --- the Hugging Face peft file format ------------------------------------------------------------------
