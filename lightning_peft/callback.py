@@ -312,6 +312,8 @@ class PEFTCallback(Callback):
         missing = (
             [k for k in self.checkpoint_keys(pl_module) if k not in present] if state is not None else []
         )
+        if state is not None:
+            self._refuse_other_shapes(pl_module, state)
         if missing:
             raise KeyError(
                 f"The checkpoint lacks {len(missing)} adapter tensors of {self.method.name}, e.g. {missing[:5]}. "
@@ -330,6 +332,23 @@ class PEFTCallback(Callback):
         if training_state is None and (trainer is None or trainer.state.fn != TrainerFn.FITTING):
             return  # an older checkpoint evaluated, not resumed: nothing restarts, no warning
         self.method.load_training_state(self.target_module(pl_module), self.adapter_name, training_state)
+
+    def _refuse_other_shapes(self, pl_module: pl.LightningModule, state: dict) -> None:
+        # Named here, before Lightning's load_state_dict would print a page of size mismatches.
+        live = {clean_key(n): t for n, t in (*pl_module.named_parameters(), *pl_module.named_buffers())}
+        wrong = [
+            f"{key} {tuple(value.shape)} vs {tuple(live[key].shape)}"
+            for k, value in state.items()
+            if isinstance(value, torch.Tensor)
+            and (key := clean_key(k)) in live
+            and value.shape != live[key].shape
+        ]
+        if wrong:
+            raise ValueError(
+                f"The checkpoint's tensors do not fit this model: {len(wrong)} differ in shape (checkpoint vs "
+                f"model), e.g. {wrong[:3]}. It was trained on another base model; resume with the base it was "
+                "written for."
+            )
 
     def _refuse_other_hyperparameters(self, checkpoint: dict) -> None:
         saved = (checkpoint.get(CHECKPOINT_KEY) or {}).get("method")

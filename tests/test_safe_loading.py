@@ -326,3 +326,24 @@ def test_adapter_names_that_cannot_be_keys_are_refused(name) -> None:
     with pytest.raises(ValueError, match=r"adapter_name=.*non-empty name without '\.'"):
         inject(model, LoRA(r=4, target_modules=QV), adapter_name=name)
     assert_unchanged(model, before)
+
+
+class WiderLM(CausalLM):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = tiny_llama(hidden_size=48, intermediate_size=96)
+
+
+def test_resume_on_another_base_names_the_shapes_before_loading(tmp_path: Path) -> None:
+    last = _checkpoint(tmp_path, LoRA(r=4, alpha=8, target_modules=QV))
+    module = WiderLM()
+    trainer = make_trainer(
+        tmp_path / "resumed",
+        [PEFTCallback(LoRA(r=4, alpha=8, target_modules=QV), target="model")],
+        max_steps=4,
+    )
+    with pytest.raises(
+        ValueError, match=r"8 differ in shape .*q_proj.lora_A.default.weight \(4, 64\) vs \(4, 48\)"
+    ):
+        trainer.fit(module, token_loader(batches=2), ckpt_path=last)
+    assert module.losses == []
