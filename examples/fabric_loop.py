@@ -41,7 +41,7 @@ def train(
         fabric.backward(loss)
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(round(loss.item(), 6))
+        losses.append(loss.item())
     return losses
 
 

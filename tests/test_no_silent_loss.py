@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 from torch import nn
 
+from examples.fabric_loop import train as fabric_steps
 from lightning_peft import PEFTCallback, adapter_state_dict, inject, load_adapter, merge, save_adapter
 from lightning_peft.fabric import InputGradientProbe, adapter_filter, trainable_parameters
 from lightning_peft.methods import LoRA
@@ -123,19 +124,6 @@ def test_a_trainable_head_beside_the_target_is_saved_and_resumed(tmp_path: Path)
 
 
 # --- 3. Lightning Fabric -------------------------------------------------------------------------------------
-def fabric_steps(
-    fabric: Fabric, model: nn.Module, optimizer: torch.optim.Optimizer, batches: list
-) -> list[float]:
-    losses = []
-    for ids in batches:
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        fabric.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
 def fabric_setup(injected: nn.Module) -> tuple[Fabric, nn.Module, torch.optim.Optimizer]:
     fabric = Fabric(accelerator="cpu", devices=1)
     model, optimizer = fabric.setup(injected, torch.optim.AdamW(trainable_parameters(injected), lr=1e-2))
