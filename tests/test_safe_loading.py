@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from lightning_peft import PEFTCallback, load_adapter, save_adapter
 from lightning_peft.core import inject, injection_record
-from lightning_peft.methods import LoRA, PromptTuning
+from lightning_peft.methods import LoRA, PrefixTuning, PromptTuning
 from lightning_peft.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from tests.methods.method_checks import randomise
 from tests.test_callback import CausalLM, make_trainer, token_loader
@@ -347,3 +347,14 @@ def test_resume_on_another_base_names_the_shapes_before_loading(tmp_path: Path) 
     ):
         trainer.fit(module, token_loader(batches=2), ckpt_path=last)
     assert module.losses == []
+
+
+@pytest.mark.parametrize("method", [PromptTuning(num_virtual_tokens=60), PrefixTuning(num_virtual_tokens=60)])
+def test_virtual_tokens_plus_an_input_beyond_the_positions_is_named_at_the_call(method) -> None:
+    model = inject(tiny_bert_classifier(), method)  # 64 learned positions
+    ids = torch.randint(0, 100, (2, 4))
+    assert model(input_ids=ids).logits.shape == (2, 3)  # 60 + 4 fit
+    with pytest.raises(
+        ValueError, match=r"60 virtual tokens \+ 5 input tokens = 65 positions.* has 64 learned"
+    ):
+        model(input_ids=torch.randint(0, 100, (2, 5)))

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,6 +130,14 @@ def rewrite_inputs(layer: VirtualTokens, adapter_name: str, kwargs: dict, host: 
     batch, length = (input_ids if input_ids is not None else embeds).shape[:2]
     cache = hf.call_cache(kwargs)
     continuing = _holds_virtual_tokens(cache, adapter_name, n)
+    if (limit := _position_limit(host)) is not None:
+        total = (hf.cache_length(cache) if continuing else n) + length
+        if total > limit:
+            raise ValueError(
+                f"{n} virtual tokens + {total - n} input tokens = {total} positions, but {type(host).__name__} has "
+                f"{limit} learned positions. Shorten inputs to {limit - n} tokens (data.max_length) or use fewer "
+                "virtual tokens."
+            )
     call = _Call(adapter_name, spec, length, prepended=spec.kind == "prompt" and not continuing)
 
     mask = kwargs.get("attention_mask")
@@ -162,6 +171,17 @@ def rewrite_inputs(layer: VirtualTokens, adapter_name: str, kwargs: dict, host: 
         hf.set_call_cache(host, kwargs, cache)
         call.prefix_cache = cache
     return call
+
+
+_POSITION_LIMITS: weakref.WeakKeyDictionary[nn.Module, int | None] = weakref.WeakKeyDictionary()
+
+
+def _position_limit(host: nn.Module) -> int | None:
+    """The host's learned position table size (``None``: rotary/relative positions), found once per model."""
+    if host not in _POSITION_LIMITS:
+        table = hf.learned_positions(host)
+        _POSITION_LIMITS[host] = table[0] if table is not None else None
+    return _POSITION_LIMITS[host]
 
 
 def _prepend_prompts(layer: VirtualTokens, adapter_name: str, kwargs: dict, batch: int, length: int) -> None:
