@@ -11,6 +11,7 @@ copies under the original module's name, e.g.::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from lightning_peft.atomic_io import describe_interrupted, write_directory
 from lightning_peft.core import (
@@ -244,6 +246,99 @@ def _patterns(config: Any, where: str = "") -> Iterator[tuple[str, str]]:
             yield from _patterns(item, f"{where.rstrip('.')}[{i}].")
 
 
+class _MetaAllocations(TorchFunctionMode):
+    """New tensors go to the meta device even where a layer names its device (``torch.device("meta")`` only
+    fills in a missing one): a dry-run injection that allocates nothing."""
+
+    _FACTORIES = frozenset(
+        {torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn, torch.eye}
+    )
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = dict(kwargs or {})
+        if func in self._FACTORIES:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+def _injected_and_undone(
+    model: nn.Module, method: Any, adapter_name: str, directory: Path, then: Any, meta: bool = False
+) -> None:
+    """Inject ``method`` and call ``then()``; if either raises (or ``meta``: always), take the adapter out again
+    and put back what it changed, so the model is as it was. On ``meta`` new tensors live on the meta device
+    (nothing allocated) and a failure to inject there is left to the real injection to report."""
+    record = injection_record(model)
+    previous_active = record.active if record is not None else None
+    wrappers_before = {id(layer) for _, layer in adapter_layers(model)}
+    versions = {id(t): t._version for t in _base_tensors(model)}
+    with restorable_base_changes() as changes:
+        injected = False
+        try:
+            with _MetaAllocations() if meta else contextlib.nullcontext():
+                inject(model, method, adapter_name)
+            injected = True
+            then()
+        except Exception:
+            if meta and not injected:
+                _undo(
+                    model,
+                    adapter_name,
+                    wrappers_before,
+                    previous_active,
+                    changes,
+                    versions,
+                    directory,
+                    method,
+                )
+                return
+            _undo(model, adapter_name, wrappers_before, previous_active, changes, versions, directory, method)
+            raise
+        if meta:
+            _undo(model, adapter_name, wrappers_before, previous_active, changes, versions, directory, method)
+
+
+def _undo(
+    model: nn.Module,
+    adapter_name: str,
+    wrappers_before: set[int],
+    previous_active: str | None,
+    changes: Any,
+    versions: dict[int, int],
+    directory: Path,
+    method: Any,
+) -> None:
+    if injection_record(model) is not None and adapter_name in injection_record(model).methods:
+        discard_adapter(model, adapter_name, wrappers_before, previous_active)
+    changes.restore()
+    changed = [t for t in _base_tensors(model) if t._version != versions.get(id(t)) and t not in changes]
+    if changed:  # a method wrote into the base without announcing it: say so rather than hide it
+        raise RuntimeError(
+            f"The refused load of {directory} changed {len(changed)} base tensors in place that could not be "
+            f"restored ({method.name} does not call about_to_change_base); reload the base model."
+        )
+
+
+def _refuse_shapes(
+    model: nn.Module, method: Any, adapter_name: str, tensors: dict[str, torch.Tensor], directory: Path
+) -> None:
+    """Compare the file's tensors with the (meta) adapter's, for the keys stored as they live."""
+    live = {clean_key(n): t for n, t in (*model.named_parameters(), *model.named_buffers())}
+    expected = {
+        to_peft_key(k, adapter_name): live[k] for k in adapter_state_keys(model, adapter_name) if k in live
+    }
+    mismatched = sorted(
+        f"{k} {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in set(expected) & set(tensors)
+        if tensors[k].shape != expected[k].shape
+    )
+    if mismatched:
+        raise ValueError(
+            f"Adapter files in {directory} do not fit the injected {method.name}: wrong shape (file vs config "
+            f"and model) {mismatched[:5]}{' ...' if len(mismatched) > 5 else ''}. Was it trained on a different "
+            "base model, or does its config disagree with its weights?"
+        )
+
+
 def _base_tensors(model: nn.Module) -> list[torch.Tensor]:
     return [*model.parameters(), *model.buffers()]
 
@@ -348,27 +443,18 @@ def load_adapter(
         method = method_cls.from_peft_config(config)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{config_path}: {error}") from None
-    record = injection_record(model)
-    previous_active = record.active if record is not None else None
-    wrappers_before = {id(layer) for _, layer in adapter_layers(model)}
-    versions = {id(t): t._version for t in _base_tensors(model)}
-    with restorable_base_changes() as changes:
-        inject(model, method, adapter_name)
-        try:
-            _load_into(model, method, adapter_name, tensors, directory)
-        except BaseException:
-            # Refused: take the adapter out and put back what it changed, so the model is as it was.
-            discard_adapter(model, adapter_name, wrappers_before, previous_active)
-            changes.restore()
-            changed = [
-                t for t in _base_tensors(model) if t._version != versions.get(id(t)) and t not in changes
-            ]
-            if changed:  # a method wrote into the base without announcing it: say so rather than hide it
-                raise RuntimeError(
-                    f"The refused load of {directory} changed {len(changed)} base tensors in place that could not "
-                    f"be restored ({method.name} does not call about_to_change_base); reload the base model."
-                ) from None
-            raise
+    # A dry run on the meta device first: the adapter's shapes, compared with the file's before anything is
+    # allocated (a config claiming r=10**9 over a file of r=4 must not reach the allocator).
+    _injected_and_undone(model, method, adapter_name, directory, lambda: _refuse_shapes(model, method, adapter_name,
+                                                                                       tensors, directory),
+                         meta=True)  # fmt: skip
+    _injected_and_undone(
+        model,
+        method,
+        adapter_name,
+        directory,
+        lambda: _load_into(model, method, adapter_name, tensors, directory),
+    )
     if not is_trainable:
         model.requires_grad_(False)
     return outer

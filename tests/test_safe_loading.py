@@ -358,3 +358,15 @@ def test_virtual_tokens_plus_an_input_beyond_the_positions_is_named_at_the_call(
         ValueError, match=r"60 virtual tokens \+ 5 input tokens = 65 positions.* has 64 learned"
     ):
         model(input_ids=torch.randint(0, 100, (2, 5)))
+
+
+def test_a_config_claiming_a_huge_rank_is_refused_before_anything_is_allocated(tmp_path: Path) -> None:
+    directory = lora_dir(tmp_path)  # r=4 in the file
+    edit_config(directory, r=10**9)  # 64 * 10**9 floats per lora_A: 256 GB if it were allocated
+    model = tiny_llama()
+    before = snapshot(model)
+    with pytest.raises(
+        ValueError, match=r"wrong shape \(file vs config and model\).*\(4, 64\) vs \(1000000000, 64\)"
+    ):
+        load_adapter(model, directory)
+    assert_unchanged(model, before)
