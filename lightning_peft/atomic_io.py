@@ -156,3 +156,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         target = Path(get_filesystem(path)._strip_protocol(str(path)))
         atomic_write_file(target, lambda tmp: torch.save(checkpoint, tmp))
+
+    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        try:
+            return super().load_checkpoint(path, *args, **kwargs)
+        except FileNotFoundError:
+            raise
+        except Exception as error:  # torch's unpickling/zip errors do not name the file
+            raise ValueError(
+                f"Checkpoint {path} cannot be read ({type(error).__name__}: {str(error).splitlines()[0]}): it is "
+                "truncated or not a checkpoint. Resume from another one (e.g. the previous epoch's)."
+            ) from error

@@ -370,3 +370,28 @@ def test_a_config_claiming_a_huge_rank_is_refused_before_anything_is_allocated(t
     ):
         load_adapter(model, directory)
     assert_unchanged(model, before)
+
+
+def test_a_truncated_checkpoint_is_named_when_resumed(tmp_path: Path) -> None:
+    last = _checkpoint(tmp_path, LoRA(r=4, alpha=8, target_modules=QV))
+    last.write_bytes(last.read_bytes()[:200])
+    module = CausalLM()
+    trainer = make_trainer(
+        tmp_path / "resumed",
+        [PEFTCallback(LoRA(r=4, alpha=8, target_modules=QV), target="model")],
+        max_steps=4,
+    )
+    with pytest.raises(
+        ValueError, match=rf"Checkpoint {last} cannot be read .*truncated or not a checkpoint"
+    ):
+        trainer.fit(module, token_loader(batches=2), ckpt_path=last)
+    assert module.losses == []
+
+
+def test_qlora_takes_a_torch_dtype_for_its_compute_dtype() -> None:
+    from lightning_peft.methods import QLoRA
+
+    assert QLoRA(compute_dtype=torch.bfloat16).compute_dtype == "bfloat16"
+    assert QLoRA(compute_dtype=torch.bfloat16) == QLoRA(compute_dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"compute_dtype='int8' must be one of"):
+        QLoRA(compute_dtype=torch.int8)

@@ -124,7 +124,7 @@ class QLoRA(LoRA):
         quant_type: ``"nf4"`` (4-bit NormalFloat, the paper's choice) or ``"fp4"``.
         double_quant: Also quantize the per-block scales (8-bit, blocks of 256): ~0.37 bits per weight saved.
         compute_dtype: dtype weights are dequantized to for each matmul: ``"float32"``, ``"bfloat16"`` (the
-            usual choice on GPUs) or ``"float16"``.
+            usual choice on GPUs) or ``"float16"``; ``torch.bfloat16`` etc. are taken too (stored by name).
         quantize_modules: Linears to quantize, in ``target_modules`` syntax (names, a regex, ``"all-linear"``).
             ``None``: every ``nn.Linear`` inside the model's repeated blocks (a dotted name with an index, e.g.
             ``model.layers.3.mlp.up_proj``), so not the embeddings, the output head or a classifier.
@@ -143,6 +143,13 @@ class QLoRA(LoRA):
     prepare_for_kbit_training: bool = True
     gradient_checkpointing: bool | None = None
     use_reentrant: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(
+            self.compute_dtype, torch.dtype
+        ):  # the spelling transformers and bitsandbytes users write
+            self.compute_dtype = str(self.compute_dtype).removeprefix("torch.")  # type: ignore[assignment]
+        super().__post_init__()
 
     def validate(self) -> None:
         super().validate()
