@@ -343,11 +343,35 @@ class PEFTLightningCLI(LightningCLI):
             init = {"class_path": f"{classes.__module__}.{classes.__name__}", "init_args": init_args}
         return init or None
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        # What was typed, to tell "no method given" from an explicit `--peft.method null` below.
+        self._typed = [str(a) for a in (sys.argv[1:] if args is None else args)] if not isinstance(
+            args, (dict, Namespace)
+        ) else None  # fmt: skip
+        super().parse_arguments(parser, args)
+
     def before_instantiate_classes(self) -> None:
-        """``peft: null`` means what ``peft.method: null`` means: full fine-tuning (the other options at default)."""
+        """``peft: null`` means what ``peft.method: null`` means: full fine-tuning (the other options at default).
+        ``fit`` with neither a config file nor a method is refused: it would fully fine-tune the default model."""
         config = self.config.get(str(self.subcommand), self.config)
         if PEFT_KEY in config and config[PEFT_KEY] is None:
             config[PEFT_KEY] = self._parser(self.subcommand).get_defaults()[PEFT_KEY]
+        typed = getattr(self, "_typed", None)
+        if (
+            self.subcommand == "fit"
+            and typed is not None
+            and not config.get("config")
+            and not any(a.split("=")[0] in ("--peft", "--peft.method") for a in typed)
+        ):
+            print(
+                "lightning-peft fit: no config and no PEFT method given, which would fully fine-tune the default "
+                "model. Start from a ready config, e.g.\n"
+                "  lightning-peft fit --config configs/quickstart.yaml     (LoRA on the embedded MiniLM)\n"
+                "(every method has one in configs/), or name one: --peft.method LoRA. Full fine-tuning: "
+                "--peft.method null, or --config configs/full_finetune.yaml.",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
 
     def before_predict(self) -> None:
         """Unless the config has a prediction writer, add one: rows go to ``<log_dir>/predictions.jsonl``."""

@@ -527,3 +527,13 @@ def test_max_length_beyond_the_models_positions_is_refused_before_training(tmp_p
     with pytest.raises(ValueError, match=rf"{where}.max_length=1000.* exceeds the 512 positions of BertFor"):
         cli_main(["fit", "--config", str(path)])
     assert not (tmp_path / "checkpoints").exists() and not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_fit_without_a_config_or_method_stops_pointing_at_the_configs(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--trainer.default_root_dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "no config and no PEFT method given" in err and "--config configs/quickstart.yaml" in err
+    assert "--peft.method null" in err and not list(tmp_path.rglob("*.ckpt"))
