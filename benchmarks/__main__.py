@@ -42,9 +42,12 @@ from benchmarks.models import (
 )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser(
+    prog: str = "python -m benchmarks", description: str | None = __doc__
+) -> argparse.ArgumentParser:
+    """The options every benchmark shares (model, batch, rounds, threads, ...); other benchmarks add theirs."""
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--model", type=check_model, default="llama",
@@ -67,7 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--epochs", type=int, default=3, help="epochs per config with --quality")
     parser.add_argument("--peak-child", default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def log(message: str) -> None:

@@ -61,16 +61,14 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from benchmarks.__main__ import parse_args
+    from benchmarks.__main__ import build_parser
 
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = build_parser("python -m benchmarks.compile_step", __doc__)
     parser.add_argument(
         "--backend", default="inductor", help="torch.compile backend (inductor, aot_eager, ...)"
     )
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per setup (compilation)")
-    known, rest = parser.parse_known_args(argv)
-    args = parse_args(rest)
-    args.backend, args.warmup = known.backend, known.warmup
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = run(args)
     print(f"LoRA all-linear r=8, {args.layers} layers, hidden {args.hidden}, batch {args.batch}x{args.seq}, "

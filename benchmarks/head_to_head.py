@@ -131,17 +131,20 @@ def run(args: argparse.Namespace, names: list[str] | None = None) -> dict[str, d
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m benchmarks.head_to_head [--pairs lora lora_qv] [--rounds 20] [benchmark options]``: only the
+    """``python -m benchmarks.head_to_head [--methods lora lora_qv] [--rounds 20] [benchmark options]``: only the
     comparison with peft (each pair runs ``2 x rounds`` interleaved rounds), printed as a table."""
-    from benchmarks.__main__ import parse_args
+    from benchmarks.__main__ import build_parser
     from benchmarks.report import peft_table
 
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--pairs", nargs="*", default=None, choices=list(pairs()))
-    known, rest = parser.parse_known_args(argv)
-    args = parse_args(rest)
+    parser = build_parser("python -m benchmarks.head_to_head", __doc__)
+    parser.add_argument("--pairs", nargs="*", default=None, help="alias of --methods")
+    args = parser.parse_args(argv)
+    names = args.pairs if args.pairs is not None else args.methods
+    unknown = sorted(set(names or ()) - set(pairs()))
+    if unknown:
+        parser.error(f"no peft pair for {unknown}; the pairs are {sorted(pairs())}")
     torch.set_num_threads(args.threads)
-    print(peft_table(run(args, known.pairs)))
+    print(peft_table(run(args, names)))
 
 
 if __name__ == "__main__":

@@ -253,3 +253,26 @@ def test_compile_step_compares_the_same_function_compiled_and_eager() -> None:
         assert results[name]["max_logit_diff"] < 1e-5, name
     for label, _, _ in compile_step.RATIOS:
         assert 0 < results[label]["q1"] <= results[label]["median"] <= results[label]["q3"], label
+
+
+@pytest.mark.parametrize("module", ["head_to_head", "compile_step"])
+def test_each_benchmark_has_its_own_help(module, capsys) -> None:
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"benchmarks.{module}").main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: python -m benchmarks.{module}") and "--rounds" in out
+
+
+def test_head_to_head_refuses_a_method_it_has_no_peft_pair_for(capsys) -> None:
+    from benchmarks import head_to_head
+
+    with pytest.raises(SystemExit) as exit_info:
+        head_to_head.main(["--methods", "lora_qv", "bitfit"])
+    assert exit_info.value.code == 2
+    assert (
+        "no peft pair for ['bitfit']; the pairs are ['dora', 'ia3', 'lora', 'lora_qv', 'prompt_tuning']"
+        in (capsys.readouterr().err)
+    )
