@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import (
@@ -149,10 +150,36 @@ class TransformersModule(LightningModule):
                 path = self.model_name_or_path
                 if self.dtype_name == "auto":
                     kwargs["dtype"] = "auto"
-                return self.auto_class.from_pretrained(
-                    path, **pretrained_kwargs(path), **self.model_kwargs(), **kwargs
-                )
+                with hf.captured_load_reports() as reports:
+                    model, info = self.auto_class.from_pretrained(
+                        path,
+                        **pretrained_kwargs(path),
+                        **self.model_kwargs(),
+                        **kwargs,
+                        output_loading_info=True,
+                    )
+                self._report_loading(model, info, reports)
+                return model
             return self.auto_class.from_config(self.build_config(), **kwargs)
+
+    def _report_loading(self, model: PreTrainedModel, info: dict[str, Any], reports: list) -> None:
+        """A task head missing from a backbone checkpoint is expected (it is built for this task from
+        ``init_seed``): say so in one line instead of transformers' table. Any other finding keeps the table."""
+        base = getattr(model, "base_model_prefix", "") + "."
+        missing = list(info.get("missing_keys") or [])
+        fresh = sorted({k.split(".")[0] for k in missing}) if missing and not any(
+            k.startswith(base) for k in missing
+        ) else []  # fmt: skip
+        others = any(info.get(k) for k in ("unexpected_keys", "mismatched_keys", "error_msgs"))
+        if others or (missing and not fresh):
+            for record in reports:
+                hf.emit_load_report(record)
+        elif fresh:
+            rank_zero_info(
+                f"lightning-peft: {type(model).__name__}: the task head {fresh} is not in the checkpoint and starts "
+                f"from init_seed={self.init_seed} (it trains, and is saved with the adapter when the method lists it "
+                "in modules_to_save)."
+            )
 
     def configure_model(self) -> None:
         if self.model is not None:

@@ -20,9 +20,11 @@ names the installed version and what it could not find - never silently wrong ou
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-from collections.abc import Callable, Mapping, MutableMapping
+import logging
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -293,3 +295,27 @@ def learned_positions(model: nn.Module) -> tuple[int, str] | None:
         ):
             return positions, name
     return None
+
+
+@contextlib.contextmanager
+def captured_load_reports() -> Iterator[list[logging.LogRecord]]:
+    """Hold back the "LOAD REPORT" tables ``from_pretrained`` logs (transformers 5), for the caller to judge:
+    a fresh task head is expected, anything else is re-emitted with :func:`emit_load_report`."""
+    records: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            records.append(record)
+            return False
+        return True
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(hold)
+    try:
+        yield records
+    finally:
+        logger.removeFilter(hold)
+
+
+def emit_load_report(record: logging.LogRecord) -> None:
+    logging.getLogger(record.name).handle(record)

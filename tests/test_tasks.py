@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -162,3 +166,44 @@ def test_invalid_module_arguments_are_clear_errors():
         SequenceClassificationModule(model_config=BERT, num_labels=3, label_names=["a", "b"])
     with pytest.raises(ValueError, match="needs tokenizer_name_or_path"):
         CausalLMModule(model_config=LLAMA).configure_model()
+
+
+@contextlib.contextmanager
+def transformers_log() -> Iterator[list[str]]:
+    """The messages transformers' loggers emit (they do not propagate to pytest's handlers)."""
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_a_fresh_task_head_is_one_line_not_a_load_report(caplog) -> None:
+    module = SequenceClassificationModule(label_names=["negative", "positive"])
+    with caplog.at_level(logging.INFO), transformers_log() as messages:
+        module.configure_model()
+    assert not any("LOAD REPORT" in m or "MISSING" in m for m in messages)
+    assert "the task head ['classifier'] is not in the checkpoint and starts from init_seed=0" in caplog.text
+
+
+def test_a_checkpoint_with_other_findings_keeps_transformers_report(tmp_path, caplog) -> None:
+    from transformers import BertConfig, BertForMaskedLM
+
+    from lightning_peft.tasks import default_model_path
+
+    config = BertConfig.from_pretrained(default_model_path())
+    BertForMaskedLM(config).save_pretrained(
+        tmp_path
+    )  # holds an MLM head (cls.*): unexpected for a classifier
+    module = SequenceClassificationModule(
+        model_name_or_path=str(tmp_path), tokenizer_name_or_path=default_model_path(), label_names=["a", "b"]
+    )
+    with caplog.at_level(logging.INFO), transformers_log() as messages:
+        module.configure_model()
+    (report,) = [m for m in messages if "LOAD REPORT" in m]
+    assert "UNEXPECTED" in report and "cls.predictions.bias" in report and "classifier.weight" in report
+    assert "task head" not in caplog.text
