@@ -43,6 +43,7 @@ from pathlib import Path
 from types import MethodType
 from typing import Any, NoReturn
 
+import torch
 import yaml
 from jsonargparse import Namespace, get_loader, lazy_instance, set_loader, set_parsing_settings
 from jsonargparse.typing import class_from_function
@@ -60,6 +61,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from torch.optim import Optimizer
 
 from lightning_peft.callback import PEFTCallback, report_parameter_counts
+from lightning_peft.core import clean_key, state_dict_key
 from lightning_peft.datamodules import TextClassificationDataModule
 from lightning_peft.methods.base import PEFTMethod
 from lightning_peft.peft_format import save_adapter
@@ -410,13 +412,27 @@ class PEFTLightningCLI(LightningCLI):
             )
         elif log_dir is not None:
             directory = save_adapter(callback.target_module(self.model), Path(log_dir) / "adapter")
-            rank_zero_info(f"lightning-peft: adapter saved to {directory}")
+            rank_zero_info(f"lightning-peft: adapter of the last step saved to {directory}")
         best = getattr(self.trainer.checkpoint_callback, "best_model_path", "")
         if best:
             rank_zero_info(f"lightning-peft: best checkpoint {best}")
+            if callback is not None and log_dir is not None:
+                directory = self._export_checkpoint_adapter(callback, best, Path(log_dir) / "adapter_best")
+                rank_zero_info(f"lightning-peft: adapter of the best checkpoint saved to {directory}")
         scalars = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
         metrics = ", ".join(f"{k}={v:.4f}" for k, v in sorted(scalars.items()))
         rank_zero_info(f"lightning-peft: final metrics {metrics}")
+
+    def _export_checkpoint_adapter(self, callback: PEFTCallback, checkpoint: str, directory: Path) -> Path:
+        """``save_adapter`` of the weights in ``checkpoint``; the model keeps its own (last-step) weights."""
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+        live = {state_dict_key(self.model, clean_key(k)): v for k, v in saved.items()}
+        current = {k: v.detach().clone() for k, v in self.model.state_dict().items() if k in live}
+        try:
+            self.model.load_state_dict(live, strict=False)
+            return save_adapter(callback.target_module(self.model), directory)
+        finally:
+            self.model.load_state_dict(current, strict=False)
 
 
 def cli_main(args: ArgsType = None) -> PEFTLightningCLI:

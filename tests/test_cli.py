@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch import Callback
+from safetensors.torch import load_file
 
 from lightning_peft import PEFTCallback, count_parameters
 from lightning_peft.cli import FullFineTuning, PEFTLightningCLI, cli_main, main
@@ -537,3 +538,30 @@ def test_fit_without_a_config_or_method_stops_pointing_at_the_configs(capsys, tm
     err = capsys.readouterr().err
     assert "no config and no PEFT method given" in err and "--config configs/quickstart.yaml" in err
     assert "--peft.method null" in err and not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_fit_exports_the_best_checkpoints_adapter_beside_the_last_and_keeps_the_model(
+    fitted_with_yaml_optimizer, tmp_path
+):
+    cli, _ = fitted_with_yaml_optimizer
+    root = Path(cli.trainer.default_root_dir)
+    assert len(load_file(root / "adapter_best" / "adapter_model.safetensors")) == len(
+        load_file(root / "adapter" / "adapter_model.safetensors")
+    )
+    best = cli.trainer.checkpoint_callback.best_model_path
+    checkpoint = torch.load(best, map_location="cpu", weights_only=True)
+    checkpoint["state_dict"] = {
+        k: v + 1 for k, v in checkpoint["state_dict"].items()
+    }  # another epoch's weights
+    other = tmp_path / "other.ckpt"
+    torch.save(checkpoint, other)
+    callback = next(c for c in cli.trainer.callbacks if isinstance(c, PEFTCallback))
+    before = {k: v.clone() for k, v in cli.model.state_dict().items()}
+    directory = cli._export_checkpoint_adapter(callback, str(other), tmp_path / "exported")
+    exported = load_file(directory / "adapter_model.safetensors")
+    expected = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
+    assert len(exported) == len(expected)
+    for key, value in expected.items():
+        peft_key = "base_model.model." + key.replace(".default.", ".").replace(".modules_to_save.", ".")
+        torch.testing.assert_close(exported[peft_key], value, rtol=0, atol=0, msg=key)
+    assert all(torch.equal(v, before[k]) for k, v in cli.model.state_dict().items())
