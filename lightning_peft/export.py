@@ -145,9 +145,9 @@ def _tokenizer(module: LightningModule) -> Any:
     return tokenizer if callable(getattr(tokenizer, "save_pretrained", None)) else None
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
+def main(argv: Sequence[str] | None = None, prog: str = "lightning-peft export") -> dict[str, Path]:
     parser = argparse.ArgumentParser(
-        prog="python -m lightning_peft.export",
+        prog=prog,
         description="Export an adapter-only checkpoint to a peft adapter directory (and a merged transformers model).",
         epilog="Other --key value options override the config, as on the lightning-peft command line.",
     )

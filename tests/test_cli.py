@@ -15,7 +15,7 @@ import yaml
 from lightning.pytorch import Callback
 from safetensors.torch import load_file
 
-from lightning_peft import PEFTCallback, count_parameters
+from lightning_peft import PEFTCallback, commands, count_parameters
 from lightning_peft.cli import FullFineTuning, PEFTLightningCLI, cli_main, main
 from lightning_peft.data_files import read_records
 from lightning_peft.datamodules import TextClassificationDataModule, embedded_split_path
@@ -238,7 +238,22 @@ def test_lora_config_shows_every_lora_option():
 
 def test_console_script_points_to_main():
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "lightning-peft"]
-    assert script.load() is main
+    assert script.load() is commands.main
+
+
+@pytest.mark.parametrize("argv", [[], ["--help"], ["-h"]])
+def test_the_bare_command_prints_the_peft_overview(capsys, argv):
+    commands.main(argv)
+    out = capsys.readouterr().out
+    assert out.startswith("usage: lightning-peft {fit,validate,test,predict,export}")
+    assert "lightning-peft fit --config configs/quickstart.yaml" in out and "lightning-peft export" in out
+
+
+def test_export_is_a_subcommand(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        commands.main(["export", "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: lightning-peft export [-h] --config CONFIG")
 
 
 def test_help_lists_the_peft_options(capsys):
