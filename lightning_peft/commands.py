@@ -1,15 +1,15 @@
 """The ``lightning-peft`` console script: Lightning's subcommands (``fit``, ``validate``, ``test``, ``predict``)
-through :mod:`lightning_peft.cli`, plus ``export``, and an overview for ``lightning-peft`` / ``--help``."""
+through :mod:`lightning_peft.cli`, plus ``export`` and ``generate``, and an overview for ``lightning-peft`` / ``--help``."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 
-from lightning_peft import cli, export
+from lightning_peft import cli, export, generate
 
 OVERVIEW = """\
-usage: lightning-peft {fit,validate,test,predict,export} [--config FILE] [--key value ...]
+usage: lightning-peft {fit,validate,test,predict,export,generate} [--config FILE] [--key value ...]
 
 Parameter-efficient fine-tuning (LoRA, QLoRA, AdaLoRA, IA3, BitFit, prompt/prefix tuning, adapters, MAM,
 UniPELT) of any LightningModule, with Lightning's Trainer, strategies and launchers.
@@ -20,6 +20,7 @@ UniPELT) of any LightningModule, with Lightning's Trainer, strategies and launch
   lightning-peft validate|test|predict --config X --ckpt_path CKPT
   lightning-peft export --config X --ckpt_path CKPT --out DIR [--merged]
                                                           peft adapter directory (and a merged model)
+  lightning-peft generate --config X --ckpt_path CKPT --prompt "..."   answers with the adapter (causal LMs)
   lightning-peft fit --help                               every option: trainer, model, data, peft, optimizer
 
 The peft: section holds PEFTCallback's options: method (class_path: lightning_peft.methods.LoRA, ... or null
@@ -35,6 +36,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if args[0] == "export":
         export.main(args[1:])
+        return
+    if args[0] == "generate":
+        generate.main(args[1:])
         return
     cli.main(args)
 

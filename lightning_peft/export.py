@@ -45,6 +45,17 @@ def build_from_config(
     Raises:
         ValueError: the config has no ``peft:`` callback.
     """
+    cli = build_cli(config, overrides)
+    return cli.model, next(c for c in cli.trainer.callbacks if isinstance(c, PEFTCallback))
+
+
+def build_cli(config: str | os.PathLike, overrides: Sequence[str] = ()) -> Any:
+    """The config's command line, instantiated but not run: ``.model`` built with its adapter injected,
+    ``.datamodule`` (its tokenizer and prompt format), ``.trainer`` with the PEFTCallback.
+
+    Raises:
+        ValueError: the config has no ``peft:`` callback.
+    """
     from lightning_peft.cli import PEFTLightningCLI
 
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
@@ -67,7 +78,7 @@ def build_from_config(
     record = injection_record(target)
     if record is None or callback.adapter_name not in record.methods:
         inject(target, callback.method, callback.adapter_name)
-    return module, callback
+    return cli
 
 
 def load_adapter_checkpoint(

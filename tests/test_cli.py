@@ -245,7 +245,7 @@ def test_console_script_points_to_main():
 def test_the_bare_command_prints_the_peft_overview(capsys, argv):
     commands.main(argv)
     out = capsys.readouterr().out
-    assert out.startswith("usage: lightning-peft {fit,validate,test,predict,export}")
+    assert out.startswith("usage: lightning-peft {fit,validate,test,predict,export,generate}")
     assert "lightning-peft fit --config configs/quickstart.yaml" in out and "lightning-peft export" in out
 
 
@@ -414,7 +414,7 @@ def test_bad_data_stops_before_the_model_is_built(tmp_path, monkeypatch, name, c
     assert not built
 
 
-def test_sft_config_fits_then_predict_generates_the_same_text_twice(tmp_path):
+def test_sft_config_fits_then_predict_generates_the_same_text_twice(tmp_path, capsys):
     common = ["--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
               "--trainer.enable_progress_bar", "false"]  # fmt: skip
     fitted = cli_main([
@@ -443,6 +443,16 @@ def test_sft_config_fits_then_predict_generates_the_same_text_twice(tmp_path):
     assert all(row["prompt"] in text for row, text in zip(first, validation_prompts, strict=True))
     assert all(isinstance(row["response"], str) for row in first)
     assert first == second  # greedy decoding: deterministic
+    # `lightning-peft generate` answers a prompt as predict did, from the same checkpoint
+    row = first[0]
+    commands.main([
+        "generate", "--config", str(CONFIGS / "sft_tiny_llama.yaml"), "--ckpt_path", str(checkpoint),
+        "--prompt", row["prompt"], "--trainer.default_root_dir", str(tmp_path / "generate"),
+    ])  # fmt: skip
+    assert capsys.readouterr().out.splitlines()[:2] == [
+        f"prompt: {row['prompt']}",
+        f"response: {row['response']}",
+    ]
 
 
 # --- full fine-tuning: `peft.method: null` ---------------------------------------------------------------------
