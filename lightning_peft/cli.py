@@ -39,6 +39,7 @@ import inspect
 import os
 import re
 import sys
+import traceback
 from pathlib import Path
 from types import MethodType
 from typing import Any, NoReturn
@@ -118,6 +119,21 @@ class PEFTArgumentParser(LightningArgumentParser):
         prog = parser.prog.replace(" [options]", "")
         sys.stderr.write(f"{prog}: error: {message}\ntip: list every option with `{prog} --help`.\n")
         self.exit(2)
+
+
+def _method_error(error: BaseException) -> str | None:
+    """The message of the error a PEFT method raised about its own hyperparameters, if that is what ``error``
+    (or an exception it chains) is; ``None`` otherwise."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    methods_dir = str(Path(PEFTMethod.__module__.replace(".", "/")).parent)
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        frames = traceback.extract_tb(current.__traceback__)
+        if frames and methods_dir in Path(frames[-1].filename).as_posix():
+            return str(current)
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _hints(parser: LightningArgumentParser, message: str) -> list[str]:
@@ -282,6 +298,17 @@ class PEFTLightningCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_class", PEFTArgumentParser)
         super().__init__(*args, **kwargs)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (TypeError, ValueError) as error:
+            reason = _method_error(error)
+            if reason is None:
+                raise
+            # A bad hyperparameter is the user's input, not a bug: one line, not jsonargparse's traceback.
+            print(f"lightning-peft {self.subcommand}: {PEFT_KEY}.method: {reason}", file=sys.stderr)
+            raise SystemExit(2) from None
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(peft_section_class, PEFT_KEY)  # method null: full fine-tuning

@@ -40,7 +40,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args[0] == "generate":
         generate.main(args[1:])
         return
-    cli.main(args)
+    cli.main(
+        None if argv is None else args
+    )  # None: LightningCLI reads sys.argv itself (no "args and argv" warning)
 
 
 if __name__ == "__main__":

@@ -590,3 +590,15 @@ def test_fit_exports_the_best_checkpoints_adapter_beside_the_last_and_keeps_the_
         peft_key = "base_model.model." + key.replace(".default.", ".").replace(".modules_to_save.", ".")
         torch.testing.assert_close(exported[peft_key], value, rtol=0, atol=0, msg=key)
     assert all(torch.equal(v, before[k]) for k, v in cli.model.state_dict().items())
+
+
+def test_a_bad_method_hyperparameter_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--peft.method.init_args.r", "-1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        err[-1]
+        == "lightning-peft fit: peft.method: LoRA r=-1: the rank must be an integer >= 1 (typical: 4 to 64)."
+    )
+    assert not any("Traceback" in line for line in err)

@@ -1,7 +1,15 @@
 """The README's two fresh-machine commands stay true: CI runs the test command, the main job's config exists."""
 
+import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,3 +57,47 @@ def test_the_oldest_leg_pins_exactly_the_declared_minimums():
     assert {n: release(v) for n, v in pins.items()} == {n: release(v) for n, v in minimums.items()}
     assert "<" not in " ".join(declared)  # no upper caps
     assert "-c constraints/oldest.txt" in (ROOT / ".ci" / "run").read_text()
+
+
+RUNNABLE = re.compile(r"<!-- runnable(: long)? -->\n```bash\n(.*?)\n```", flags=re.S)
+
+
+def runnable_blocks(long: bool = False) -> list[str]:
+    """The README's bash blocks marked ``<!-- runnable -->`` (``long``: those marked ``runnable: long``)."""
+    return [block for mark, block in RUNNABLE.findall((ROOT / "README.md").read_text()) if bool(mark) == long]
+
+
+def test_every_readme_command_uses_the_setup_s_environment():
+    """After the setup lines, commands run from .venv/bin, as the setup installed them (no bare entry points)."""
+    for block in runnable_blocks() + runnable_blocks(long=True):
+        for line in block.splitlines():
+            assert not re.match(r"\s*(lightning-peft|python|pip)\b", line), line
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("LIGHTNING_PEFT_README_RUN") == "0",
+    reason="the README walk-through runs in the newest leg only",
+)
+def test_the_readme_blocks_run_as_written_after_the_main_job(tmp_path):
+    """The main job, then every block marked runnable, verbatim (only .venv/bin/ points at this interpreter's
+    environment), in a fresh folder holding a copy of configs/."""
+    main_command, _ = readme_commands()
+    fit = main_command.split(" && ")[-1]
+    assert fit.startswith(".venv/bin/lightning-peft fit ")
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    script = "\n".join([fit, *runnable_blocks()]).replace(".venv/bin/", f"{Path(sys.executable).parent}/")
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=1500
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    (predictions,) = tmp_path.glob("runs/quickstart/lightning_logs/version_*/predictions.jsonl")
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert [r["text"] for r in rows] == ["A wonderful, moving film.", "The soup was cold and bland."]
+    assert {r["label"] for r in rows} <= {"negative", "positive"}
+    assert "test_acc" in done.stdout + done.stderr
+    assert "prompt: What is LoRA?\nresponse: " in done.stdout
+    assert (tmp_path / "exported" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "exported" / "merged" / "config.json").is_file()
+    (best,) = tmp_path.glob("runs/quickstart/lightning_logs/version_0/adapter_best/adapter_model.safetensors")
+    assert len(load_file(best)) == 26
