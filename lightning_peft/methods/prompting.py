@@ -32,9 +32,10 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from lightning_peft import transformers_compat as hf
-from lightning_peft.methods.base import PEFTMethod
+from lightning_peft.methods.base import AdapterLayer, PEFTMethod
 from lightning_peft.methods.prompt_hooks import CHECKPOINTING_ERROR, checkpointing, install_hooks
 from lightning_peft.methods.virtual_tokens import VirtualTokens, VirtualTokenSpec, virtual_tokens_layer
 from lightning_peft.targeting import replace_module
@@ -158,6 +159,14 @@ class PromptLearningMethod(PEFTMethod):
     # --- injection ------------------------------------------------------------------------------------------
     def inject_layers(self, model: nn.Module, adapter_name: str) -> None:
         host = find_host(model, self.name)
+        if getattr(getattr(host, "config", None), "is_encoder_decoder", False):
+            # Refused here rather than failing later: generate() runs the encoder outside the hooked call, and
+            # decoder labels are not aligned with the encoder's virtual tokens.
+            raise ValueError(
+                f"{self.name} on the encoder-decoder {type(host).__name__}: soft prompts and prefixes support "
+                "decoder-only and encoder-only models; on encoder-decoders (T5, BART, Whisper) generation and the "
+                "decoder's labels would go wrong. Use LoRA, IA3 or BitFit for this model."
+            )
         if self.kind == "prefix":
             hf.check_cache_api(host, self.name)
             if hf.cache_argument(host) is None:
@@ -168,6 +177,15 @@ class PromptLearningMethod(PEFTMethod):
                     "PromptTuning/PTuning for this model."
                 )
             check_forward_accepts(host, ("attention_mask",), self.name)
+            # transformers' attention layers read the cache by layer_idx; a custom module may read it its own way.
+            if isinstance(host, PreTrainedModel) and not hf.attention_modules(
+                host, exclude=lambda m: isinstance(m, AdapterLayer)
+            ):
+                raise ValueError(
+                    f"{self.name}: {type(host).__name__}'s attention layers do not read a key/value cache (no "
+                    "attention module with a layer_idx takes one), so the prefix would never be attended to. Use "
+                    "PromptTuning/PTuning or LoRA for this model."
+                )
         else:
             check_forward_accepts(host, ("inputs_embeds",), self.name)
         if self.kind == "prefix" and checkpointing(host):

@@ -8,7 +8,7 @@ from torch import nn
 
 from lightning_peft import count_parameters, disable_adapters, inject
 from lightning_peft import transformers_compat as hf
-from lightning_peft.methods import PrefixTuning, PTuningV2
+from lightning_peft.methods import PrefixTuning, PromptTuning, PTuningV2
 from lightning_peft.methods.prefix_tuning import PrefixEncoder
 from lightning_peft.methods.virtual_tokens import virtual_tokens_layer
 from tests.methods.prompt_helpers import (
@@ -158,10 +158,29 @@ def test_generation_cache_holds_the_prefix_once():
     torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], atol=1e-5, rtol=0)
 
 
-def test_models_that_ignore_the_cache_get_a_clear_error():
-    model = inject(tiny_distilbert_classifier(), PTuningV2(num_virtual_tokens=N))
-    with pytest.raises(RuntimeError, match=r"did not use the prefix in every attention layer.*DistilBERT"):
-        model(input_ids=sequences((5,))[0][None])
+def test_models_that_ignore_the_cache_are_refused_at_injection():
+    model = tiny_distilbert_classifier()
+    modules = [type(m) for m in model.modules()]
+    with pytest.raises(
+        ValueError, match=r"DistilBertForSequenceClassification's attention layers do not read"
+    ):
+        inject(model, PTuningV2(num_virtual_tokens=N))
+    assert [type(m) for m in model.modules()] == modules
+
+
+@pytest.mark.parametrize("method", [PromptTuning(num_virtual_tokens=N), PTuningV2(num_virtual_tokens=N)])
+def test_encoder_decoders_are_refused_at_injection(method):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    model = T5ForConditionalGeneration(
+        T5Config(
+            vocab_size=64, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, decoder_start_token_id=0
+        )
+    )
+    modules = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=r"on the encoder-decoder T5ForConditionalGeneration.*Use LoRA, IA3"):
+        inject(model, method)
+    assert [type(m) for m in model.modules()] == modules
 
 
 def test_gradient_checkpointing_is_refused():
