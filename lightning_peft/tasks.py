@@ -170,7 +170,9 @@ class TransformersModule(LightningModule):
         fresh = sorted({k.split(".")[0] for k in missing}) if missing and not any(
             k.startswith(base) for k in missing
         ) else []  # fmt: skip
-        others = any(info.get(k) for k in ("unexpected_keys", "mismatched_keys", "error_msgs"))
+        # A checkpoint's stored `position_ids` buffer (older BERT exports) is rebuilt by the model: not a finding.
+        unexpected = [k for k in info.get("unexpected_keys") or [] if not k.endswith("position_ids")]
+        others = bool(unexpected) or any(info.get(k) for k in ("mismatched_keys", "error_msgs"))
         if others or (missing and not fresh):
             for record in reports:
                 hf.emit_load_report(record)
