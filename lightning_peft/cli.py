@@ -132,6 +132,18 @@ def _method_error(error: BaseException) -> str | None:
         frames = traceback.extract_tb(current.__traceback__)
         if frames and methods_dir in Path(frames[-1].filename).as_posix():
             return str(current)
+        # jsonargparse's union error lists each member's error as text ("Errors:\n  - ..."); the chain holds
+        # only the last one tried, which in some releases is the `None` member's.
+        text = str(current)
+        listed = re.search(r"Errors:\n(.*?)\nGiven value type", text, flags=re.S)
+        if listed and PEFTMethod.__name__ in text:
+            reasons = [
+                line.strip()[2:]
+                for line in listed.group(1).splitlines()
+                if line.strip().startswith("- ") and "NoneType" not in line
+            ]
+            if len(reasons) == 1:
+                return reasons[0]
         current = current.__cause__ or current.__context__
     return None
 
