@@ -29,6 +29,11 @@ SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D, nn.LayerNorm,
 
 def forward_with_bias(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` computed with ``bias`` instead of ``layer.bias`` (the same kernel as the layer's own forward)."""
+    base = next(cls for cls in type(layer).__mro__ if cls in SUPPORTED_TYPES)
+    if type(layer).forward is not base.forward:
+        # A subclass with its own forward (ConvNeXt's channels-first LayerNorm): run that forward, with the bias
+        # swapped in for this call only.
+        return torch.func.functional_call(layer, {"bias": bias}, (x,))
     if isinstance(layer, nn.Linear):
         return F.linear(x, layer.weight, bias)
     if isinstance(layer, Conv1D):  # GPT-2: weight is (in, out)

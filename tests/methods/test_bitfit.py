@@ -149,3 +149,32 @@ def test_gradient_checkpointing_gives_grads_to_the_same_parameters() -> None:
 @pytest.mark.parametrize("case", list(CASES))
 def test_trains_through_the_callback_and_the_loss_goes_down(case: str) -> None:
     checks.assert_trains_through_callback(*build_and_method(case))
+
+
+def test_a_layernorm_subclass_with_its_own_forward_runs_that_forward() -> None:
+    """ConvNeXt's channels-first LayerNorm permutes before normalising: BitFit must run its forward, not F.layer_norm."""
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    torch.manual_seed(0)
+    config = ConvNextConfig(hidden_sizes=[8, 8, 8, 8], depths=[1, 1, 1, 1], num_labels=2, image_size=32)
+    model = ConvNextForImageClassification(config).eval()
+    reference = copy.deepcopy(model)
+    pixels = torch.randn(2, 3, 32, 32)
+    inject(model, BitFit())
+    channels_first = [
+        m
+        for m in model.modules()
+        if isinstance(m, BitFitLayer) and getattr(m.base_layer, "data_format", None) == "channels_first"
+    ]
+    assert channels_first  # the case under test is there
+    torch.testing.assert_close(model(pixel_values=pixels).logits, reference(pixel_values=pixels).logits)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+                reference.get_parameter(
+                    name.replace("base_layer.", "").replace(".bitfit_bias.default", ".bias")
+                ).add_(0.1)
+    torch.testing.assert_close(model(pixel_values=pixels).logits, reference(pixel_values=pixels).logits)
+    merge(model)
+    torch.testing.assert_close(model(pixel_values=pixels).logits, reference(pixel_values=pixels).logits)
