@@ -36,10 +36,12 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import logging
 import os
 import re
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from types import MethodType
 from typing import Any, NoReturn
@@ -474,6 +476,27 @@ class PEFTLightningCLI(LightningCLI):
             self.model.load_state_dict(current, strict=False)
 
 
+#: Notices other packages print on every run that ask nothing of a lightning-peft user (the command line only;
+#: the library leaves a user's own script as it is). Real warnings are kept.
+_NOTICES = (
+    r"Starting from v1\.9\.0, `tensorboardX` has been removed",  # CSVLogger is the intended default here
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # inside Lightning's own pytree helper
+)
+_TIPS = ("💡 Tip:",)  # Lightning's advertisement for its cloud logger
+
+
+def _drop_tips(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(_TIPS)
+
+
+def _quiet_third_party_notices() -> None:
+    for pattern in _NOTICES:
+        warnings.filterwarnings("ignore", message=pattern)
+    tips = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _drop_tips not in tips.filters:
+        tips.addFilter(_drop_tips)
+
+
 def cli_main(args: ArgsType = None) -> PEFTLightningCLI:
     """Build and run the command line in-process.
 
@@ -486,6 +509,7 @@ def cli_main(args: ArgsType = None) -> PEFTLightningCLI:
     """
     # jsonargparse's notice about LightningCLI's own use of a renamed method is noise for our users.
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+    _quiet_third_party_notices()
     return PEFTLightningCLI(
         model_class=None,  # any LightningModule, by class_path
         datamodule_class=None,  # any LightningDataModule, by class_path

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sys
+import warnings
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -602,3 +604,17 @@ def test_a_bad_method_hyperparameter_is_one_line(capsys):
         == "lightning-peft fit: peft.method: LoRA r=-1: the rank must be an integer >= 1 (typical: 4 to 64)."
     )
     assert not any("Traceback" in line for line in err)
+
+
+def test_the_command_line_drops_third_party_notices_that_do_not_apply(tmp_path, caplog):
+    config = tiny_config(tmp_path)
+    config["trainer"]["logger"] = True  # Lightning's default logger: its tensorboardX notice and its tip
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        cli_main(["fit", "--config", str(path)])
+    shown = [str(w.message) for w in caught]
+    assert not any("tensorboardX" in m or "LeafSpec" in m for m in shown), shown
+    assert "💡 Tip" not in caplog.text and "lightning-peft: LoRA 'default' trains" in caplog.text
+    assert list(tmp_path.glob("lightning_logs/version_0/metrics.csv"))  # the CSV logger still writes
