@@ -308,10 +308,9 @@ class PEFTCallback(Callback):
                 state_dict_key(pl_module, clean_key(k)): v for k, v in state.items()
             }
         # state is None: sharded strategies load weights through their own planner
+        wanted = self.checkpoint_keys(pl_module) if state is not None else []
         present = {clean_key(k) for k in state} if state is not None else set()
-        missing = (
-            [k for k in self.checkpoint_keys(pl_module) if k not in present] if state is not None else []
-        )
+        missing = [k for k in wanted if k not in present]
         if state is not None:
             self._refuse_other_shapes(pl_module, state)
         if missing:
@@ -321,7 +320,7 @@ class PEFTCallback(Callback):
                 "with the same PEFTCallback configuration it was trained with."
             )
         if state is not None and self.non_finite != "allow":
-            wanted = set(self.checkpoint_keys(pl_module))
+            wanted = set(wanted)
             refuse_non_finite(
                 {k: v for k, v in state.items() if clean_key(k) in wanted and isinstance(v, torch.Tensor)},
                 "The checkpoint",

@@ -272,50 +272,45 @@ def _injected_and_undone(
     wrappers_before = {id(layer) for _, layer in adapter_layers(model)}
     versions = {id(t): t._version for t in _base_tensors(model)}
     with restorable_base_changes() as changes:
-        injected = False
+
+        def undo() -> None:
+            record = injection_record(model)
+            if record is not None and adapter_name in record.methods:
+                discard_adapter(model, adapter_name, wrappers_before, previous_active)
+            changes.restore()
+            changed = [
+                t for t in _base_tensors(model) if t._version != versions.get(id(t)) and t not in changes
+            ]
+            if changed:  # a method wrote into the base without announcing it: say so rather than hide it
+                raise RuntimeError(
+                    f"The refused load of {directory} changed {len(changed)} base tensors in place that could not "
+                    f"be restored ({method.name} does not call about_to_change_base); reload the base model."
+                )
+
         try:
             with _MetaAllocations() if meta else contextlib.nullcontext():
                 inject(model, method, adapter_name)
-            injected = True
+        except Exception:
+            undo()
+            if meta:
+                return
+            raise
+        try:
             then()
         except Exception:
-            if meta and not injected:
-                _undo(
-                    model,
-                    adapter_name,
-                    wrappers_before,
-                    previous_active,
-                    changes,
-                    versions,
-                    directory,
-                    method,
-                )
-                return
-            _undo(model, adapter_name, wrappers_before, previous_active, changes, versions, directory, method)
+            undo()
             raise
         if meta:
-            _undo(model, adapter_name, wrappers_before, previous_active, changes, versions, directory, method)
+            undo()
 
 
-def _undo(
-    model: nn.Module,
-    adapter_name: str,
-    wrappers_before: set[int],
-    previous_active: str | None,
-    changes: Any,
-    versions: dict[int, int],
-    directory: Path,
-    method: Any,
-) -> None:
-    if injection_record(model) is not None and adapter_name in injection_record(model).methods:
-        discard_adapter(model, adapter_name, wrappers_before, previous_active)
-    changes.restore()
-    changed = [t for t in _base_tensors(model) if t._version != versions.get(id(t)) and t not in changes]
-    if changed:  # a method wrote into the base without announcing it: say so rather than hide it
-        raise RuntimeError(
-            f"The refused load of {directory} changed {len(changed)} base tensors in place that could not be "
-            f"restored ({method.name} does not call about_to_change_base); reload the base model."
-        )
+def _shape_mismatches(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> list[str]:
+    """``"key (file shape) vs (model shape)"`` for every key in both whose shapes differ."""
+    return sorted(
+        f"{k} {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in set(expected) & set(tensors)
+        if tensors[k].shape != expected[k].shape
+    )
 
 
 def _refuse_shapes(
@@ -326,11 +321,7 @@ def _refuse_shapes(
     expected = {
         to_peft_key(k, adapter_name): live[k] for k in adapter_state_keys(model, adapter_name) if k in live
     }
-    mismatched = sorted(
-        f"{k} {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}"
-        for k in set(expected) & set(tensors)
-        if tensors[k].shape != expected[k].shape
-    )
+    mismatched = _shape_mismatches(tensors, expected)
     if mismatched:
         raise ValueError(
             f"Adapter files in {directory} do not fit the injected {method.name}: wrong shape (file vs config "
@@ -350,12 +341,8 @@ def _load_into(
     expected = {to_peft_key(k, adapter_name): k for k in adapter_state_keys(model, adapter_name)}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    shapes = model.state_dict()
-    mismatched = sorted(
-        f"{k} {tuple(tensors[k].shape)} vs {tuple(shapes[expected[k]].shape)}"
-        for k in set(expected) & set(tensors)
-        if tensors[k].shape != shapes[expected[k]].shape
-    )
+    state = model.state_dict()
+    mismatched = _shape_mismatches(tensors, {k: state[v] for k, v in expected.items()})
     if missing or unexpected or mismatched:
         raise ValueError(
             f"Adapter files in {directory} do not fit the injected {method.name}: "
@@ -445,16 +432,10 @@ def load_adapter(
         raise ValueError(f"{config_path}: {error}") from None
     # A dry run on the meta device first: the adapter's shapes, compared with the file's before anything is
     # allocated (a config claiming r=10**9 over a file of r=4 must not reach the allocator).
-    _injected_and_undone(model, method, adapter_name, directory, lambda: _refuse_shapes(model, method, adapter_name,
-                                                                                       tensors, directory),
-                         meta=True)  # fmt: skip
-    _injected_and_undone(
-        model,
-        method,
-        adapter_name,
-        directory,
-        lambda: _load_into(model, method, adapter_name, tensors, directory),
-    )
+    dry_run = lambda: _refuse_shapes(model, method, adapter_name, tensors, directory)  # noqa: E731
+    _injected_and_undone(model, method, adapter_name, directory, dry_run, meta=True)
+    load = lambda: _load_into(model, method, adapter_name, tensors, directory)  # noqa: E731
+    _injected_and_undone(model, method, adapter_name, directory, load)
     if not is_trainable:
         model.requires_grad_(False)
     return outer

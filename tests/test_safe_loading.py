@@ -225,6 +225,17 @@ def _checkpoint(tmp_path: Path, method: LoRA) -> Path:
     return tmp_path / "ckpt" / "last.ckpt"
 
 
+def assert_resume_refused(tmp_path: Path, last: Path, message: str, module: CausalLM | None = None,
+                          method: LoRA | None = None) -> None:  # fmt: skip
+    """Resuming from ``last`` raises ValueError matching ``message`` before any training step."""
+    module = module if module is not None else CausalLM()
+    method = method if method is not None else LoRA(r=4, alpha=8, target_modules=QV)
+    trainer = make_trainer(tmp_path / "resumed", [PEFTCallback(method, target="model")], max_steps=4)
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(module, token_loader(batches=2), ckpt_path=last)
+    assert module.losses == []
+
+
 @pytest.mark.parametrize(
     ("resumed_with", "message"),
     [
@@ -237,11 +248,7 @@ def test_resume_with_other_hyperparameters_is_refused_before_training(
     tmp_path: Path, resumed_with: LoRA, message: str
 ) -> None:
     last = _checkpoint(tmp_path, LoRA(r=8, alpha=8, target_modules=QV))
-    module = CausalLM()
-    trainer = make_trainer(tmp_path / "resumed", [PEFTCallback(resumed_with, target="model")], max_steps=4)
-    with pytest.raises(ValueError, match=rf"other LoRA settings.*{message}"):
-        trainer.fit(module, token_loader(batches=2), ckpt_path=last)
-    assert module.losses == []
+    assert_resume_refused(tmp_path, last, rf"other LoRA settings.*{message}", method=resumed_with)
 
 
 class DivergingLM(CausalLM):
@@ -288,15 +295,7 @@ def test_resume_from_a_checkpoint_holding_non_finite_adapters_is_refused(tmp_pat
     key = sorted(checkpoint["state_dict"])[0]
     checkpoint["state_dict"][key][0, 0] = float("nan")
     torch.save(checkpoint, last)
-    module = CausalLM()
-    trainer = make_trainer(
-        tmp_path / "resumed",
-        [PEFTCallback(LoRA(r=4, alpha=8, target_modules=QV), target="model")],
-        max_steps=4,
-    )
-    with pytest.raises(ValueError, match=rf"The checkpoint: 1 adapter tensors hold NaN.*\['{key}'\]"):
-        trainer.fit(module, token_loader(batches=2), ckpt_path=last)
-    assert module.losses == []
+    assert_resume_refused(tmp_path, last, rf"The checkpoint: 1 adapter tensors hold NaN.*\['{key}'\]")
 
 
 # --- geometry at injection ------------------------------------------------------------------------------------
@@ -336,17 +335,8 @@ class WiderLM(CausalLM):
 
 def test_resume_on_another_base_names_the_shapes_before_loading(tmp_path: Path) -> None:
     last = _checkpoint(tmp_path, LoRA(r=4, alpha=8, target_modules=QV))
-    module = WiderLM()
-    trainer = make_trainer(
-        tmp_path / "resumed",
-        [PEFTCallback(LoRA(r=4, alpha=8, target_modules=QV), target="model")],
-        max_steps=4,
-    )
-    with pytest.raises(
-        ValueError, match=r"8 differ in shape .*q_proj.lora_A.default.weight \(4, 64\) vs \(4, 48\)"
-    ):
-        trainer.fit(module, token_loader(batches=2), ckpt_path=last)
-    assert module.losses == []
+    message = r"8 differ in shape .*q_proj.lora_A.default.weight \(4, 64\) vs \(4, 48\)"
+    assert_resume_refused(tmp_path, last, message, module=WiderLM())
 
 
 @pytest.mark.parametrize("method", [PromptTuning(num_virtual_tokens=60), PrefixTuning(num_virtual_tokens=60)])
@@ -375,17 +365,9 @@ def test_a_config_claiming_a_huge_rank_is_refused_before_anything_is_allocated(t
 def test_a_truncated_checkpoint_is_named_when_resumed(tmp_path: Path) -> None:
     last = _checkpoint(tmp_path, LoRA(r=4, alpha=8, target_modules=QV))
     last.write_bytes(last.read_bytes()[:200])
-    module = CausalLM()
-    trainer = make_trainer(
-        tmp_path / "resumed",
-        [PEFTCallback(LoRA(r=4, alpha=8, target_modules=QV), target="model")],
-        max_steps=4,
+    assert_resume_refused(
+        tmp_path, last, rf"Checkpoint {last} cannot be read .*truncated or not a checkpoint"
     )
-    with pytest.raises(
-        ValueError, match=rf"Checkpoint {last} cannot be read .*truncated or not a checkpoint"
-    ):
-        trainer.fit(module, token_loader(batches=2), ckpt_path=last)
-    assert module.losses == []
 
 
 def test_qlora_takes_a_torch_dtype_for_its_compute_dtype() -> None:
