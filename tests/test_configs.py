@@ -177,13 +177,25 @@ def test_fit_one_step(path: Path, tmp_path: Path) -> None:
              SCRIPT, *_fit_args(path, tmp_path), "--trainer.devices", "1"]
             for rank in (0, 1)
         ]  # fmt: skip
-    processes = [
-        subprocess.Popen(
-            c, env=_subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        for c in commands
-    ]
-    outputs = [p.communicate(timeout=240)[0] for p in processes]
+    # Each process writes to its own file, not a pipe: waiting on one process while the other fills an
+    # undrained pipe (64 KiB; progress bars write often on a slow machine) blocks that one in write() and
+    # the first in its next collective -- a deadlock, not a slow run.
+    logs = [tmp_path / f"process_{i}.log" for i in range(len(commands))]
+    processes = []
+    for command, log in zip(commands, logs, strict=True):
+        with log.open("w") as sink:
+            processes.append(
+                subprocess.Popen(command, env=_subprocess_env(), stdout=sink, stderr=subprocess.STDOUT, text=True)
+            )
+    try:
+        for process in processes:
+            process.wait(timeout=300)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    outputs = [log.read_text() for log in logs]
     for process, output in zip(processes, outputs, strict=True):
         assert process.returncode == 0, output[-4000:]
     everything = "\n".join(outputs)
