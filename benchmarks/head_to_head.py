@@ -19,8 +19,8 @@ from torch import nn
 from benchmarks.measure import interleaved, median_seconds, paired_ratio
 from benchmarks.models import VIRTUAL_TOKENS, build_model, make_batch
 from lightning_peft import count_parameters, inject
+from lightning_peft.formats.peft_directory import save_adapter
 from lightning_peft.methods import IA3, LoRA, PEFTMethod, PromptTuning
-from lightning_peft.peft_format import save_adapter
 
 
 def pairs() -> dict[str, tuple[Callable[[], PEFTMethod], Callable[[], object]]]:

@@ -1,4 +1,4 @@
-"""Why lightning_peft/methods/lora_kernels.py writes LoRA's thin matmuls the way it does.
+"""Why lightning_peft/methods/lora/kernels.py writes LoRA's thin matmuls the way it does.
 
 Each row times one rank-r product of a LoRA linear layer in two operand layouts that compute the same numbers:
 the one autograd's ``linear`` (and so a module-composed LoRA) uses, and the one the fused kernel uses.

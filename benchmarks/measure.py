@@ -24,9 +24,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.models import build_model, make_batch, method_catalogue
 from lightning_peft import count_parameters, inject, merge
+from lightning_peft.formats.peft_directory import save_adapter
 from lightning_peft.methods import PEFTMethod
-from lightning_peft.methods.virtual_tokens import VirtualTokens
-from lightning_peft.peft_format import save_adapter
+from lightning_peft.methods.prompt.virtual_tokens import VirtualTokens
 
 FULL = "full"  # full fine-tuning: the reference of every training ratio
 BASE = "base"  # the base model, untouched: the reference of every inference ratio

@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-TASK = "lightning_peft.tasks.SequenceClassificationModule"
+TASK = "lightning_peft.app.tasks.SequenceClassificationModule"
 REFERENCE = "full_finetune"  # configs/full_finetune.yaml: the quickstart task with every parameter trained
 FULL_FINETUNING = "full fine-tuning"  # the "method" of its row (report.quality_table looks for it)
 

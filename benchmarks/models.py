@@ -87,7 +87,7 @@ def build_model(args: argparse.Namespace) -> nn.Module:
         return LlamaForCausalLM(config)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from lightning_peft.tasks import default_model_path
+    from lightning_peft.app.tasks import default_model_path
 
     path = default_model_path() if args.model == "minilm" else args.model
     if is_causal_lm(args.model):

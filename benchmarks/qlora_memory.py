@@ -32,8 +32,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_peft import count_parameters, inject
+from lightning_peft.core.quantization import dequantize_weight, quantize, weight_storage_bytes
 from lightning_peft.methods import LoRA, QLoRA
-from lightning_peft.quantization import dequantize_weight, quantize, weight_storage_bytes
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # the optional-`kernels` notice on import
 

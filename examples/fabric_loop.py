@@ -18,7 +18,7 @@ from lightning.fabric import Fabric
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_peft import inject, save_adapter
-from lightning_peft.fabric import adapter_filter, trainable_parameters
+from lightning_peft.integrations.fabric import adapter_filter, trainable_parameters
 from lightning_peft.methods import LoRA
 
 

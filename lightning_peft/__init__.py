@@ -1,7 +1,6 @@
 """lightning-peft: parameter-efficient fine-tuning for PyTorch Lightning."""
 
-from lightning_peft.callback import PEFTCallback
-from lightning_peft.core import (
+from lightning_peft.core.injection import (
     adapter_state_dict,
     count_parameters,
     delete_adapter,
@@ -13,8 +12,9 @@ from lightning_peft.core import (
     unload,
     unmerge,
 )
-from lightning_peft.multi_adapter import add_weighted_adapter, mixed_batch
-from lightning_peft.peft_format import load_adapter, save_adapter
+from lightning_peft.formats.peft_directory import load_adapter, save_adapter
+from lightning_peft.integrations.callback import PEFTCallback
+from lightning_peft.methods.multi_adapter import add_weighted_adapter, mixed_batch
 
 __version__ = "0.1.0"
 

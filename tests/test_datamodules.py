@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_peft.data_files import DataFileError, read_records
-from lightning_peft.datamodules import (
+from lightning_peft.app.data_files import DataFileError, read_records
+from lightning_peft.app.datamodules import (
     IGNORE_INDEX,
     SFTDataModule,
     TextClassificationDataModule,
@@ -17,7 +17,7 @@ from lightning_peft.datamodules import (
     encode_example,
     encode_prompt,
 )
-from lightning_peft.tokenization import byte_level_tokenizer
+from lightning_peft.app.tokenization import byte_level_tokenizer
 
 ROWS = [("Loved every minute.", "positive"), ("Dull, slow, forgettable.", "negative"), ("A gem.", "positive")]
 TEMPLATE = (

@@ -97,7 +97,7 @@ def test_adapter_auto_wrap_policy_wraps_modules_holding_only_trainable_parameter
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     from lightning_peft import inject
-    from lightning_peft.distributed import adapter_auto_wrap_policy
+    from lightning_peft.integrations.distributed import adapter_auto_wrap_policy
     from lightning_peft.methods import IA3, LoRA
     from tests.tiny_models import tiny_llama
 

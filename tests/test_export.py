@@ -1,4 +1,4 @@
-"""python -m lightning_peft.export: checkpoint -> peft adapter directory and merged transformers model."""
+"""python -m lightning_peft.app.export: checkpoint -> peft adapter directory and merged transformers model."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lightning_peft import load_adapter, unload
-from lightning_peft.cli import cli_main
-from lightning_peft.export import build_from_config, load_adapter_checkpoint, main
+from lightning_peft.app.cli import cli_main
+from lightning_peft.app.export import build_from_config, load_adapter_checkpoint, main
 
 CONFIG = Path(__file__).parents[1] / "configs" / "sft_tiny_llama.yaml"
 

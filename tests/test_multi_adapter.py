@@ -21,9 +21,9 @@ from lightning_peft import (
     set_adapter,
     unmerge,
 )
-from lightning_peft.core import injection_record
+from lightning_peft.core.adapter_layer import AdapterLayer
+from lightning_peft.core.injection import injection_record
 from lightning_peft.methods import IA3, LoRA, PromptTuning
-from lightning_peft.methods.base import AdapterLayer
 from tests.tiny_models import tiny_gpt2, tiny_llama, token_batch
 
 

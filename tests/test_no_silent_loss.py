@@ -16,10 +16,10 @@ from torch import nn
 
 from examples.fabric_loop import train as fabric_steps
 from lightning_peft import PEFTCallback, adapter_state_dict, inject, load_adapter, merge, save_adapter
-from lightning_peft.fabric import InputGradientProbe, adapter_filter, trainable_parameters
+from lightning_peft.formats.peft_directory import WEIGHTS_NAME
+from lightning_peft.integrations.fabric import InputGradientProbe, adapter_filter, trainable_parameters
 from lightning_peft.methods import LoRA
-from lightning_peft.methods.lora import LoraLayer
-from lightning_peft.peft_format import WEIGHTS_NAME
+from lightning_peft.methods.lora.lora import LoraLayer
 from tests.methods.method_checks import randomise
 from tests.test_callback import QV, CausalLM, make_trainer, token_loader
 from tests.tiny_models import VOCAB, tiny_llama, token_batch

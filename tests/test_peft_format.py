@@ -13,10 +13,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lightning_peft import adapter_state_dict, inject, load_adapter, save_adapter, set_adapter
-from lightning_peft.core import injection_record
+from lightning_peft.core.adapter_layer import AdapterLayer, to_peft_key
+from lightning_peft.core.injection import injection_record
+from lightning_peft.formats.peft_directory import CONFIG_NAME, WEIGHTS_NAME
 from lightning_peft.methods import LoRA
-from lightning_peft.methods.base import AdapterLayer
-from lightning_peft.peft_format import CONFIG_NAME, WEIGHTS_NAME, to_peft_key
 from tests.tiny_models import MLPConv, tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch
 
 

@@ -14,9 +14,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file, save_file
 
 from lightning_peft import PEFTCallback, load_adapter, save_adapter
-from lightning_peft.core import inject, injection_record
+from lightning_peft.core.injection import inject, injection_record
+from lightning_peft.formats.peft_directory import CONFIG_NAME, WEIGHTS_NAME
 from lightning_peft.methods import LoRA, PrefixTuning, PromptTuning
-from lightning_peft.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from tests.methods.method_checks import randomise
 from tests.test_callback import CausalLM, make_trainer, token_loader
 from tests.tiny_models import tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from lightning_peft import inject
-from lightning_peft import transformers_compat as hf
-from lightning_peft.datamodules import IGNORE_INDEX, SFTDataModule, encode_example, encode_prompt
+from lightning_peft.app.datamodules import IGNORE_INDEX, SFTDataModule, encode_example, encode_prompt
+from lightning_peft.app.tasks import CausalLMModule, SequenceClassificationModule
+from lightning_peft.app.tokenization import BYTE_LEVEL, byte_level_tokenizer
+from lightning_peft.core import transformers_compat as hf
 from lightning_peft.methods import LoRA
-from lightning_peft.tasks import CausalLMModule, SequenceClassificationModule
-from lightning_peft.tokenization import BYTE_LEVEL, byte_level_tokenizer
 
 LLAMA = {
     "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -193,7 +193,7 @@ def test_a_fresh_task_head_is_one_line_not_a_load_report(caplog) -> None:
 def test_a_checkpoint_with_other_findings_keeps_transformers_report(tmp_path, caplog) -> None:
     from transformers import BertConfig, BertForMaskedLM
 
-    from lightning_peft.tasks import default_model_path
+    from lightning_peft.app.tasks import default_model_path
 
     config = BertConfig.from_pretrained(default_model_path())
     BertForMaskedLM(config).save_pretrained(

@@ -18,7 +18,7 @@ from torch import nn
 
 import lightning_peft
 from lightning_peft import inject
-from lightning_peft import transformers_compat as hf
+from lightning_peft.core import transformers_compat as hf
 from lightning_peft.methods import (
     MAMAdapter,
     PEFTMethod,

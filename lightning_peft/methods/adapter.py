@@ -29,9 +29,10 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from lightning_peft.methods.base import AdapterLayer, PEFTMethod
-from lightning_peft.targeting import TargetSpec, find_targets, replace_module
-from lightning_peft.transformers_compat import ACT2FN, Conv1D
+from lightning_peft.core.adapter_layer import AdapterLayer
+from lightning_peft.core.contract import PEFTMethod, register_method
+from lightning_peft.core.targeting import TargetSpec, find_targets, replace_module
+from lightning_peft.core.transformers_compat import ACT2FN, Conv1D
 
 Sublayer = Literal["attention", "feed_forward"]
 #: How a bottleneck joins the wrapped module ``m``:
@@ -136,7 +137,7 @@ class Bottleneck(nn.Module):
     """``up(act(down(dropout(h))))``: ``d -> d / reduction_factor -> d``; ``up`` zero-initialised (identity).
 
     A subclass may scale the output per token by a ``gate`` on the input, ``g(h) * f(h)``, built by
-    :meth:`build_gate` (UniPELT's :class:`~lightning_peft.methods.gating.GatedBottleneck`).
+    :meth:`build_gate` (UniPELT's :class:`~lightning_peft.methods.composite.gating.GatedBottleneck`).
     """
 
     def __init__(
@@ -245,6 +246,7 @@ _STYLE_SUBLAYERS: dict[str, list[Sublayer]] = {
 }
 
 
+@register_method
 @dataclass(kw_only=True)
 class Adapter(PEFTMethod):
     """Bottleneck adapters after (or beside) the attention and/or feed-forward sublayer of every block.

@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.methods.base import AdapterLayer, PEFTMethod
-from lightning_peft.targeting import find_targets, replace_module
-from lightning_peft.transformers_compat import Conv1D
+from lightning_peft.core.adapter_layer import AdapterLayer
+from lightning_peft.core.contract import PEFTMethod, register_method
+from lightning_peft.core.targeting import find_targets, replace_module
+from lightning_peft.core.transformers_compat import Conv1D
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: Layer types whose forward BitFit can run with a replacement bias.
@@ -90,6 +91,7 @@ def _has_own_bias(module: nn.Module) -> bool:
     return module._parameters.get("bias") is not None or isinstance(module, BitFitLayer)
 
 
+@register_method
 @dataclass(kw_only=True)
 class BitFit(PEFTMethod):
     """Train the biases (all of them, or those of chosen modules) and nothing else.

@@ -17,9 +17,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lightning_peft.methods.base import AdapterLayer, PEFTMethod
-from lightning_peft.targeting import find_targets, name_matches, replace_module
-from lightning_peft.transformers_compat import Conv1D
+from lightning_peft.core.adapter_layer import AdapterLayer
+from lightning_peft.core.contract import PEFTMethod, register_method
+from lightning_peft.core.targeting import find_targets, name_matches, replace_module
+from lightning_peft.core.transformers_compat import Conv1D
 
 #: Defaults per transformers ``model_type``: keys, values and the feed-forward down-projection (the paper's
 #: choice; peft's table, except that peft scales q instead of k for Qwen2).
@@ -163,6 +164,7 @@ class IA3Layer(AdapterLayer):
                 self.base_layer.bias.copy_(bias)
 
 
+@register_method
 @dataclass(kw_only=True)
 class IA3(PEFTMethod):
     """Infused Adapter by Inhibiting and Amplifying Inner Activations.

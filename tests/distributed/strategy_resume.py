@@ -17,7 +17,11 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning_peft import PEFTCallback
-from lightning_peft.distributed import PEFTFSDPStrategy, PEFTModelParallelStrategy, gathered_state_dict
+from lightning_peft.integrations.distributed import (
+    PEFTFSDPStrategy,
+    PEFTModelParallelStrategy,
+    gathered_state_dict,
+)
 from lightning_peft.methods import LoRA
 from tests.test_callback import CausalLM, token_loader
 

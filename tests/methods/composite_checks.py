@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from lightning_peft.core import adapter_state_keys
+from lightning_peft.core.injection import adapter_state_keys
 from lightning_peft.methods import PEFTMethod
 from tests.methods import method_checks as checks
 from tests.tiny_models import tiny_bert_classifier, tiny_llama
@@ -56,7 +56,7 @@ def assert_trains_and_checkpoints_every_part(
 
 def gate_outputs(model: nn.Module, run: callable) -> list[torch.Tensor]:
     """Outputs of every gate module during ``run()``."""
-    from lightning_peft.methods.gating import Gate
+    from lightning_peft.methods.composite.gating import Gate
 
     outputs: list[torch.Tensor] = []
     handles = [

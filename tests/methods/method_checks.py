@@ -31,11 +31,10 @@ from lightning_peft import (
     unload,
     unmerge,
 )
-from lightning_peft import transformers_compat as hf
-from lightning_peft.core import adapter_state_keys
+from lightning_peft.core import transformers_compat as hf
+from lightning_peft.core.adapter_layer import AdapterLayer, ModulesToSave, to_peft_key
+from lightning_peft.core.injection import adapter_state_keys
 from lightning_peft.methods import NotMergeableError, PEFTMethod
-from lightning_peft.methods.base import AdapterLayer, ModulesToSave
-from lightning_peft.peft_format import to_peft_key
 from tests.tiny_models import VOCAB, tiny_bert_classifier, tiny_llama, token_batch
 
 Build = Callable[[], nn.Module]

@@ -14,10 +14,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_peft import PEFTCallback, adapter_state_dict, inject, load_adapter, save_adapter
-from lightning_peft.core import adapter_state_keys
+from lightning_peft.core.injection import adapter_state_keys
+from lightning_peft.formats.peft_directory import WEIGHTS_NAME
 from lightning_peft.methods import PEFTMethod
-from lightning_peft.methods.virtual_tokens import virtual_tokens_layer
-from lightning_peft.peft_format import WEIGHTS_NAME
+from lightning_peft.methods.prompt.virtual_tokens import virtual_tokens_layer
 from tests.peft_reference import reference_outputs
 from tests.tiny_models import (
     VOCAB,

@@ -25,10 +25,10 @@ from lightning_peft import (
     save_adapter,
     set_adapter,
 )
+from lightning_peft.core.adapter_layer import to_peft_key
 from lightning_peft.methods import AdaLoRA, LoRA
-from lightning_peft.methods import adalora as adalora_module
-from lightning_peft.methods.adalora import SVDLayer
-from lightning_peft.peft_format import to_peft_key
+from lightning_peft.methods.lora import adalora as adalora_module
+from lightning_peft.methods.lora.adalora import SVDLayer
 from tests.methods import method_checks as checks
 from tests.tiny_models import tiny_bert_classifier, tiny_gpt2, tiny_llama
 

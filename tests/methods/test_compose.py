@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from lightning_peft import adapter_state_dict, inject
-from lightning_peft.core import adapter_state_keys, injection_record
+from lightning_peft.core.injection import adapter_state_keys, injection_record
 from lightning_peft.methods import IA3, AdaLoRA, LoRA, MethodUnion, PEFTMethod, PrefixTuning
-from lightning_peft.methods.compose import method_from_config_dict
+from lightning_peft.methods.composite.compose import method_from_config_dict
 from tests.methods import method_checks as checks
 from tests.tiny_models import tiny_bert_classifier, tiny_llama
 

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from lightning_peft import adapter_state_dict, inject, load_adapter, merge, save_adapter
+from lightning_peft.core.adapter_layer import to_peft_key
 from lightning_peft.methods import IA3
 from lightning_peft.methods.ia3 import IA3Layer
-from lightning_peft.peft_format import to_peft_key
 from tests.methods import method_checks as checks
 from tests.tiny_models import MLPConv, tiny_bert_classifier, tiny_gpt2, tiny_llama
 

@@ -18,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lightning_peft import inject, merge
 from lightning_peft.methods import LoRA
-from lightning_peft.methods.lora import LoraLinear
+from lightning_peft.methods.lora.lora import LoraLinear
 
 
 def _adapted(base_kind: str, **lora: object) -> tuple[nn.Module, LoraLinear]:

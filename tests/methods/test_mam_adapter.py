@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from lightning_peft import count_parameters, inject
-from lightning_peft import transformers_compat as hf
-from lightning_peft.core import injection_record
+from lightning_peft.core import transformers_compat as hf
+from lightning_peft.core.injection import injection_record
 from lightning_peft.methods import MAMAdapter, PrefixTuning
 from lightning_peft.methods.adapter import BottleneckLayer
-from lightning_peft.methods.virtual_tokens import virtual_tokens_layer
+from lightning_peft.methods.prompt.virtual_tokens import virtual_tokens_layer
 from tests.methods import method_checks as checks
 from tests.methods import prompt_helpers
 from tests.methods.composite_checks import FAMILIES, assert_trains_and_checkpoints_every_part

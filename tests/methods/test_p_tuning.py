@@ -7,8 +7,12 @@ import torch
 
 from lightning_peft import count_parameters, disable_adapters, load_adapter, save_adapter
 from lightning_peft.methods import PTuning
-from lightning_peft.methods.p_tuning import PromptEncoder
-from lightning_peft.methods.virtual_tokens import PromptEmbedding, freeze_prompt_encoder, virtual_tokens_layer
+from lightning_peft.methods.prompt.p_tuning import PromptEncoder
+from lightning_peft.methods.prompt.virtual_tokens import (
+    PromptEmbedding,
+    freeze_prompt_encoder,
+    virtual_tokens_layer,
+)
 from tests.methods.prompt_helpers import (
     DECODERS,
     FAMILIES,

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from lightning_peft import count_parameters, disable_adapters, inject
-from lightning_peft import transformers_compat as hf
+from lightning_peft.core import transformers_compat as hf
 from lightning_peft.methods import PrefixTuning, PromptTuning, PTuningV2
-from lightning_peft.methods.prefix_tuning import PrefixEncoder
-from lightning_peft.methods.virtual_tokens import virtual_tokens_layer
+from lightning_peft.methods.prompt.prefix_tuning import PrefixEncoder
+from lightning_peft.methods.prompt.virtual_tokens import virtual_tokens_layer
 from tests.methods.prompt_helpers import (
     DECODERS,
     FAMILIES,

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from lightning_peft import disable_adapters, inject, unload
-from lightning_peft import transformers_compat as hf
+from lightning_peft.core import transformers_compat as hf
 from lightning_peft.methods import PromptTuning
-from lightning_peft.methods.virtual_tokens import VirtualTokens, virtual_tokens_layer
+from lightning_peft.methods.prompt.virtual_tokens import VirtualTokens, virtual_tokens_layer
 from tests.methods.prompt_helpers import (
     DECODERS,
     FAMILIES,

@@ -29,12 +29,10 @@ from lightning_peft import (
     save_adapter,
     unload,
 )
-from lightning_peft import transformers_compat as hf
-from lightning_peft.core import adapter_state_keys
-from lightning_peft.methods import LoRA, NotMergeableError, QLoRA
-from lightning_peft.methods.base import method_for_peft_type
-from lightning_peft.methods.qlora import LoraBnbLinear
-from lightning_peft.quantization import (
+from lightning_peft.core import transformers_compat as hf
+from lightning_peft.core.contract import method_for_peft_type
+from lightning_peft.core.injection import adapter_state_keys
+from lightning_peft.core.quantization import (
     dequantize,
     export_merged,
     is_quantized_linear,
@@ -42,6 +40,8 @@ from lightning_peft.quantization import (
     quantize,
     weight_storage_bytes,
 )
+from lightning_peft.methods import LoRA, NotMergeableError, QLoRA
+from lightning_peft.methods.lora.qlora import LoraBnbLinear
 from tests.methods.method_checks import randomise
 from tests.test_callback import CausalLM, make_trainer, token_loader
 from tests.tiny_models import MLPConv, tiny_llama, token_batch
@@ -402,7 +402,7 @@ def test_qlora_beside_a_lora_adapter_quantizes_neither_adapters_nor_wrapped_base
 
 
 def test_paged_adamw_refuses_cpu_parameters() -> None:
-    from lightning_peft.optim import PagedAdamW
+    from lightning_peft.app.optim import PagedAdamW
 
     with pytest.raises(RuntimeError, match=r"needs parameters on a CUDA device; got parameters on \['cpu'\]"):
         PagedAdamW(nn.Linear(4, 4).parameters(), lr=1e-3, optim_bits=8)
@@ -431,7 +431,7 @@ def test_trainer_checkpoint_holds_only_adapters_and_resumes_exactly(tmp_path: Pa
     assert len(saved["state_dict"]) == 28
     assert all(".lora_A.default." in k or ".lora_B.default." in k for k in saved["state_dict"])
     assert {v.dtype for v in saved["state_dict"].values()} == {torch.float32}  # no packed codes, no scales
-    assert saved["lightning_peft"]["method"]["class_path"] == "lightning_peft.methods.qlora.QLoRA"
+    assert saved["lightning_peft"]["method"]["class_path"] == "lightning_peft.methods.QLoRA"
     assert len(saved["optimizer_states"][0]["state"]) == 28
 
     assert len(uninterrupted.losses) == 6 and uninterrupted.losses[-1] < uninterrupted.losses[0]
@@ -445,7 +445,7 @@ def test_trainer_checkpoint_holds_only_adapters_and_resumes_exactly(tmp_path: Pa
 @pytest.mark.cuda
 @cuda
 def test_cuda_qlora_trains_with_bf16_compute_and_paged_adamw() -> None:
-    from lightning_peft.optim import PagedAdamW
+    from lightning_peft.app.optim import PagedAdamW
 
     model = inject(tiny_llama().cuda().train(), QLoRA(r=4, compute_dtype="bfloat16"))
     assert model.model.layers[0].self_attn.q_proj.base_layer.weight.device.type == "cuda"

@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from lightning_peft import count_parameters, disable_adapters, inject, unload
-from lightning_peft import transformers_compat as hf
-from lightning_peft.core import injection_record
+from lightning_peft.core import transformers_compat as hf
+from lightning_peft.core.injection import injection_record
 from lightning_peft.methods import NotMergeableError, UniPELT
 from lightning_peft.methods.adapter import BottleneckLayer
-from lightning_peft.methods.gating import GatedBottleneck
-from lightning_peft.methods.lora import LoraLayer
-from lightning_peft.methods.virtual_tokens import prefix_key_values, virtual_tokens_layer
+from lightning_peft.methods.composite.gating import GatedBottleneck
+from lightning_peft.methods.lora.lora import LoraLayer
+from lightning_peft.methods.prompt.virtual_tokens import prefix_key_values, virtual_tokens_layer
 from tests.methods import method_checks as checks
 from tests.methods import prompt_helpers
 from tests.methods.composite_checks import FAMILIES, assert_trains_and_checkpoints_every_part, gate_outputs

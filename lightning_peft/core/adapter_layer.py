@@ -1,0 +1,174 @@
+"""The adapter-layer protocol: :class:`AdapterLayer` wraps one frozen base layer and holds named adapters.
+
+Knowing a layer's ``adapter_attrs`` (its ``ModuleDict``/``ParameterDict`` attributes keyed by adapter name) is enough
+to find an adapter's parameters, drop or rename them for the peft file format, and switch adapters; every generic
+utility (state dicts, merge, disable, delete) works through it and never on a concrete layer class.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class NotMergeableError(RuntimeError):
+    """Raised when merge is requested for a method that cannot fold into the base weights."""
+
+
+class AdapterLayer(nn.Module):
+    """Wraps a base layer (never copied) and holds named adapters.
+
+    Subclasses list in ``adapter_attrs`` the ``ModuleDict``/``ParameterDict``
+    attributes keyed by adapter name, and implement ``forward`` and, when
+    mergeable, ``merge_adapter``/``unmerge_adapter``.
+    """
+
+    adapter_attrs: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    def __getattr__(self, name: str) -> Any:
+        # Model code sometimes reads `layer.weight` / `layer.in_features` of what it thinks is the base layer.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    # --- adapters held by this layer -------------------------------------------------------------------------
+    def adapter_names(self) -> list[str]:
+        names: list[str] = []
+        for attr in self.adapter_attrs:
+            names += [n for n in getattr(self, attr) if n not in names]
+        return names
+
+    def adapter_state_names(self, adapter_name: str) -> list[str]:
+        """State-dict keys (relative to this layer) of one adapter: its parameters and buffers."""
+        keys: list[str] = []
+        for attr in self.adapter_attrs:
+            container = getattr(self, attr)
+            if adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(item, nn.Module):
+                keys += [f"{attr}.{adapter_name}.{k}" for k in item.state_dict()]
+            else:
+                keys.append(f"{attr}.{adapter_name}")
+        return keys
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            self.unmerge_adapter(adapter_name)
+        for attr in self.adapter_attrs:
+            container = getattr(self, attr)
+            if adapter_name in container:
+                del container[adapter_name]
+        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+
+    def set_active_adapters(self, names: list[str]) -> None:
+        known = self.adapter_names()
+        self.active_adapters = [n for n in names if n in known]
+
+    # --- merging (mergeable layers override the two *_adapter methods) ---------------------------------------
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        for name in list(self.active_adapters) if adapter_names is None else adapter_names:
+            if name not in self.merged_adapters:  # merging twice is a no-op, not a double update
+                self.merge_adapter(name)
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            self.unmerge_adapter(self.merged_adapters.pop())
+
+    def check_merge(self, adapter_name: str) -> None:
+        """Raise, changing nothing, if merging ``adapter_name`` would fail (lets a model-wide merge be atomic)."""
+
+    def merge_adapter(self, adapter_name: str) -> None:
+        raise NotMergeableError(f"{type(self).__name__} cannot be merged into its base layer.")
+
+    def unmerge_adapter(self, adapter_name: str) -> None:
+        raise NotMergeableError(f"{type(self).__name__} cannot be unmerged.")
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @staticmethod
+    def check_finite(weight: torch.Tensor, adapter_name: str, layer: str) -> None:
+        if not torch.isfinite(weight).all():
+            raise ValueError(
+                f"Merging adapter '{adapter_name}' into {layer} produced NaN/Inf weights; the merge was refused and "
+                "the base weights are unchanged. Check the adapter for diverged values."
+            )
+
+
+class ModulesToSave(AdapterLayer):
+    """Trains a full copy of a small module (e.g. a classification head) per adapter; the original stays frozen.
+
+    Named like peft's ``modules_to_save`` so the saved keys match its file format.
+    """
+
+    adapter_attrs = ("modules_to_save",)
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.modules_to_save = nn.ModuleDict()
+
+    def add_adapter(self, adapter_name: str) -> None:
+        self.modules_to_save[adapter_name] = copy.deepcopy(self.base_layer)
+        self.modules_to_save[adapter_name].requires_grad_(True)
+
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        """A trained copy has nothing to fold into the original; merging leaves it in use."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.disabled or not self.active_adapters:
+            return self.base_layer(*args, **kwargs)
+        return self.modules_to_save[self.active_adapters[0]](*args, **kwargs)
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield name, module
+
+
+# --- keys in Hugging Face peft's files ---------------------------------------------------------------------
+#: What peft's files put before every module path (``PeftModel.base_model.model``).
+PEFT_PREFIX = "base_model.model."
+
+
+def to_peft_key(key: str, adapter_name: str) -> str:
+    """Our state-dict key -> the key peft writes (adapter name dropped, modules_to_save folded).
+
+    Only the segment naming the adapter inside an adapter container (``lora_A.<name>``) is dropped, so an
+    adapter named like a module path segment (``"0"``, ``"default"``) never removes part of the module path.
+    """
+    key = key.replace(f".modules_to_save.{adapter_name}.", ".")
+    containers = adapter_attrs()
+    parts = key.split(".")
+    kept = [
+        p for i, p in enumerate(parts) if not (p == adapter_name and i > 0 and parts[i - 1] in containers)
+    ]
+    return PEFT_PREFIX + ".".join(kept)
+
+
+def adapter_attrs() -> set[str]:
+    """Names of every adapter container attribute (``lora_A``, ``lora_magnitude_vector``, ...) of every method."""
+    attrs: set[str] = set()
+    pending = [AdapterLayer]
+    while pending:
+        cls = pending.pop()
+        attrs.update(cls.adapter_attrs)
+        pending += cls.__subclasses__()
+    return attrs

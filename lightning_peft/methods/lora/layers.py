@@ -1,0 +1,439 @@
+"""LoRA's layers: the wrappers that hold the low-rank weights around ``nn.Linear``, GPT-2's ``Conv1D``,
+``nn.Embedding`` and ``nn.Conv1d/2d/3d`` (and, through :data:`LAYER_RESOLVERS`, bitsandbytes layers), their
+forward, merge and DoRA numerics. The method's configuration and injection are in :mod:`.lora`.
+
+Numerics and parameter names follow Hugging Face ``peft`` so saved adapters load there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_peft.core.adapter_layer import AdapterLayer, NotMergeableError
+from lightning_peft.core.contract import about_to_change_base
+from lightning_peft.core.transformers_compat import Conv1D
+from lightning_peft.methods.lora.kernels import FusedDoraLinear, FusedLoraLinear
+
+InitOption = bool | Literal["gaussian", "pissa"] | str
+
+
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    # Half-precision bases get fp32 adapters (as peft's autocast_adapter_dtype): tiny, and far better optimised.
+    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class LoraLayer(AdapterLayer):
+    """Common state of the LoRA wrappers: per-adapter rank, scale, dropout and weights."""
+
+    adapter_attrs = (
+        "lora_A",
+        "lora_B",
+        "lora_embedding_A",
+        "lora_embedding_B",
+        "lora_magnitude_vector",
+        "lora_dropout",
+        "lora_gate",
+    )
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        # Optional per adapter: a module mapping the input (..., in) to a (..., 1) factor on the update (UniPELT).
+        self.lora_gate = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self._dora_norms: dict[str, torch.Tensor] = {}  # weight norms used at merge time, needed to unmerge
+        # One adapter name (or None: the base) per batch row, set only inside lightning_peft.mixed_batch.
+        self.row_adapters: list[str | None] | None = None
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        alpha: float,
+        dropout: float,
+        use_rslora: bool,
+        use_dora: bool,
+        init: InitOption,
+    ) -> None:
+        self.r[adapter_name] = r
+        self.scaling[adapter_name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        weight = self.base_layer.weight
+        self.create_weights(adapter_name, r, device=weight.device, dtype=_compute_dtype(weight))
+        self.initialise(adapter_name, init)
+        if use_dora:
+            with torch.no_grad():
+                self.lora_magnitude_vector[adapter_name] = nn.Parameter(self.weight_norm(adapter_name))
+        self.active_adapters = [*self.active_adapters, adapter_name]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.r.pop(adapter_name, None)
+        self.scaling.pop(adapter_name, None)
+        self._dora_norms.pop(adapter_name, None)
+
+    # --- implemented per layer kind --------------------------------------------------------------------------
+    def create_weights(self, adapter_name: str, r: int, device: torch.device, dtype: torch.dtype) -> None:
+        raise NotImplementedError
+
+    def initialise(self, adapter_name: str, init: InitOption) -> None:
+        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        if init is True:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.zeros_(B)
+        elif init == "gaussian":
+            nn.init.normal_(A, std=1 / self.r[adapter_name])
+            nn.init.zeros_(B)
+        elif init is False:  # not a no-op: useful to test merge paths
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+        else:
+            raise ValueError(
+                f"init_lora_weights={init!r} is not supported for {type(self.base_layer).__name__}."
+            )
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``s * B @ A`` in the base weight's own layout."""
+        raise NotImplementedError
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as floats in the base layer's own layout (quantized bases dequantize here)."""
+        return self.base_layer.weight
+
+    def weight_norm(self, adapter_name: str) -> torch.Tensor:
+        raise ValueError(
+            f"DoRA is supported on Linear and GPT-2 Conv1D layers, not {type(self.base_layer).__name__}."
+        )
+
+    # --- merging -------------------------------------------------------------------------------------------
+    def _merged_weight(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The base weight with the adapter folded in (refused if not finite), and DoRA's norm (else None)."""
+        if adapter_name in self.lora_gate:
+            raise NotMergeableError(
+                f"LoRA adapter '{adapter_name}' is gated per input (UniPELT): its update depends on the input, so it "
+                "cannot fold into a weight."
+            )
+        weight = self.base_weight()
+        with torch.no_grad():
+            delta = self.delta_weight(adapter_name)
+            norm = None
+            if adapter_name in self.lora_magnitude_vector:
+                norm = self.weight_norm(adapter_name)
+                new = self._oriented(self._dora_factor(adapter_name, norm) * self._oriented(weight + delta))
+            else:
+                new = weight + delta
+        self.check_finite(new, adapter_name, type(self.base_layer).__name__)
+        return new, norm
+
+    def check_merge(self, adapter_name: str) -> None:
+        self._merged_weight(adapter_name)
+
+    def merge_adapter(self, adapter_name: str) -> None:
+        new, norm = self._merged_weight(adapter_name)
+        if norm is not None:
+            self._dora_norms[adapter_name] = norm
+        with torch.no_grad():
+            self.base_layer.weight.copy_(new)
+
+    def unmerge_adapter(self, adapter_name: str) -> None:
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            delta = self.delta_weight(adapter_name)
+            if adapter_name in self.lora_magnitude_vector:
+                factor = self._dora_factor(adapter_name, self._dora_norms.pop(adapter_name))
+                weight.copy_(self._oriented(self._oriented(weight) / factor) - delta)
+            else:
+                weight.sub_(delta)
+
+    def _dora_factor(self, adapter_name: str, norm: torch.Tensor) -> torch.Tensor:
+        # (out,) -> (out, 1): one magnitude per output row of the (out, in) weight
+        return (self.lora_magnitude_vector[adapter_name] / norm).unsqueeze(1).to(self.base_layer.weight.dtype)
+
+    def _oriented(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    def pending_adapters(self) -> list[str]:
+        """Active adapters whose update is not already folded into the base weight."""
+        return [a for a in self.active_adapters if a not in self.merged_adapters and a in self.r]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disabled:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.row_adapters is not None:
+            return self._forward_rows(x, result)
+        for name in self.pending_adapters():
+            result = self.add_update(name, x, result)
+        return result
+
+    def add_update(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result`` plus this adapter's update (scaled per input by its gate, if any: UniPELT)."""
+        update = self.adapter_output(adapter_name, x, result)
+        if adapter_name in self.lora_gate:  # (..., 1) in (0, 1): the update's share for this input
+            update = self.lora_gate[adapter_name](x) * update
+        return result + update.to(result.dtype)
+
+    def _forward_rows(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Mixed batch: each row gets the update of its own adapter in ``row_adapters``; ``None`` rows stay base."""
+        rows = self.row_adapters
+        if x.shape[0] != len(rows):
+            raise ValueError(
+                f"mixed_batch was given {len(rows)} adapter names but {type(self.base_layer).__name__} got a batch of "
+                f"{x.shape[0]} rows; pass one name (or None) per row of the batch."
+            )
+        for name in dict.fromkeys(rows):
+            if name is None or name not in self.r:  # no such adapter here: those rows stay base
+                continue
+            index = torch.tensor([i for i, n in enumerate(rows) if n == name], device=result.device)
+            sub_x = x.index_select(0, index)  # (rows of this adapter, ...)
+            update = self.adapter_output(name, sub_x, result.index_select(0, index))
+            if name in self.lora_gate:
+                update = self.lora_gate[name](sub_x) * update
+            result = result.index_add(0, index, update.to(result.dtype))
+        return result
+
+    def dropped_input(self, adapter_name: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``x`` in the adapter's dtype through its dropout; at p = 0 (an Identity) no module is called at all."""
+        dropout = self.lora_dropout[adapter_name]
+        x = x.to(dtype)
+        return x if isinstance(dropout, nn.Identity) else dropout(x)
+
+    def adapter_output(self, adapter_name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
+        A, B = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        dropped = self.dropped_input(adapter_name, x, A.weight.dtype)
+        scaling = self.scaling[adapter_name]
+        after_A = A(dropped)  # (..., in) -> (..., r); scaled here, where it is r wide, not at (..., out)
+        return B(after_A if scaling == 1 else after_A * scaling)
+
+
+class LoraLinear(LoraLayer):
+    """LoRA around ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2; weight stored as (in, out))."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        out_features, in_features = self._oriented(base_layer.weight).shape
+        self.in_features, self.out_features = in_features, out_features
+
+    def _oriented(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T if self.fan_in_fan_out else weight
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        name = self.fusable_adapter(x, args, kwargs)
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        base, A, B = self.base_layer, self.lora_A[name], self.lora_B[name]
+        if name in self.lora_magnitude_vector:  # DoRA's base term sees the dropped input only while training
+            dropout = self.lora_dropout[name]
+            dropped = x if isinstance(dropout, nn.Identity) or not self.training else dropout(x)
+            return FusedDoraLinear.apply(
+                x, None if dropped is x else dropped, base.weight, base.bias, A.weight, B.weight,
+                self.lora_magnitude_vector[name], self.weight_norm(name), self.scaling[name], self.fan_in_fan_out,
+            )  # fmt: skip
+        dropped = self.dropped_input(name, x, x.dtype)
+        return FusedLoraLinear.apply(
+            x, None if dropped is x else dropped, base.weight, base.bias, A.weight, B.weight,
+            self.scaling[name], self.fan_in_fan_out,
+        )  # fmt: skip
+
+    def fusable_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
+        """The one pending adapter when the fused kernel computes exactly what the modules would, else None.
+
+        That takes a plain ``nn.Linear``/``Conv1D`` base and plain ``nn.Linear`` adapters with no hooks (FSDP
+        units, quantized or tensor-parallel weights run through the modules), one plain LoRA or DoRA adapter (no
+        gate or mixed batch), one dtype throughout and no autocast. A DoRA adapter's dropout must be in the
+        layer's own train/eval mode (the module path keys the base term on the layer's, the mask on the dropout's).
+        """
+        if self.disabled or self.row_adapters is not None or args or kwargs:
+            return None
+        pending = self.pending_adapters()
+        if len(pending) != 1 or pending[0] in self.lora_gate:
+            return None
+        name = pending[0]
+        base, A, B = self.base_layer, self.lora_A[name], self.lora_B[name]
+        if type(base) not in (nn.Linear, Conv1D) or type(A) is not nn.Linear or type(B) is not nn.Linear:
+            return None
+        if any(_has_hooks(m) for m in (base, A, B)) or torch.is_autocast_enabled(x.device.type):
+            return None
+        magnitude, dropout = self.lora_magnitude_vector.get(name), self.lora_dropout[name]
+        mode_differs = not isinstance(dropout, nn.Identity) and dropout.training != self.training
+        if magnitude is not None and mode_differs:
+            return None
+        tensors = [t for t in (base.weight, base.bias, A.weight, B.weight, magnitude) if t is not None]
+        if any(type(t) is not nn.Parameter or t.dtype != x.dtype or t.device != x.device for t in tensors):
+            return None
+        return name
+
+    def create_weights(self, adapter_name: str, r: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+
+    def initialise(self, adapter_name: str, init: InitOption) -> None:
+        if isinstance(init, str) and init.startswith("pissa"):
+            self._pissa_init(adapter_name, init)
+        else:
+            super().initialise(adapter_name, init)
+
+    def _pissa_init(self, adapter_name: str, init: str) -> None:
+        r, scaling = self.r[adapter_name], self.scaling[adapter_name]
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            W = self._oriented(weight).float()  # (out, in)
+            if init == "pissa":
+                U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+            else:  # "pissa_niter_<n>": randomised SVD, n subspace iterations
+                U, S, V = torch.svd_lowrank(W, q=r, niter=int(init.rsplit("_", 1)[-1]))
+                Vh = V.T
+            sqrt_s = (S[:r] / scaling).sqrt()
+            A = sqrt_s.unsqueeze(1) * Vh[:r]  # (r, in)
+            B = U[:, :r] * sqrt_s  # (out, r)
+            self.lora_A[adapter_name].weight.copy_(A)
+            self.lora_B[adapter_name].weight.copy_(B)
+            # The base keeps the residual, so the adapted output equals the original at init.
+            about_to_change_base(weight)
+            weight.copy_(self._oriented(W - scaling * (B @ A)).to(weight.dtype))
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        delta = (B @ A) * self.scaling[adapter_name]  # (out, r) @ (r, in) -> (out, in)
+        return self._oriented(delta).to(self.base_layer.weight.dtype)
+
+    def weight_norm(self, adapter_name: str) -> torch.Tensor:
+        # ||W + sBA|| per output row, a constant to autograd as in the DoRA paper (sec. 4.3): built under no_grad,
+        # so neither the (out, in) sum nor its graph is kept or even recorded
+        with torch.no_grad():
+            weight = self._oriented(self.base_weight() + self.delta_weight(adapter_name))
+            return weight.norm(p=2, dim=1).to(_compute_dtype(self.base_layer.weight))
+
+    def adapter_output(self, adapter_name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
+        if adapter_name not in self.lora_magnitude_vector:
+            return super().adapter_output(adapter_name, x, base_result)
+        # DoRA: y = Wx + (m/||W+sBA|| - 1) Wx + (m/||W+sBA||) sBAx
+        A, B = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        dropout, scaling = self.lora_dropout[adapter_name], self.scaling[adapter_name]
+        dropped = dropout(x.to(A.weight.dtype))
+        scale = self.lora_magnitude_vector[adapter_name] / self.weight_norm(adapter_name)  # (out,)
+        if isinstance(dropout, nn.Identity) or not self.training:
+            bias = self.base_layer.bias
+            base_no_bias = base_result if bias is None else base_result - bias
+        else:  # the base term must see the same dropped input as the LoRA term
+            base_no_bias = F.linear(dropped, self._oriented(self.base_weight()).to(dropped.dtype))
+        return (scale - 1) * base_no_bias.to(scale.dtype) + scale * B(A(dropped)) * scaling
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(
+        module._forward_pre_hooks
+        or module._forward_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+    )
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA on ``nn.Embedding``: ``A: (r, num_embeddings)`` is looked up like an embedding, ``B: (dim, r)``."""
+
+    def create_weights(self, adapter_name: str, r: int, device: torch.device, dtype: torch.dtype) -> None:
+        num, dim = self.base_layer.weight.shape
+        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.empty(r, num, device=device, dtype=dtype))
+        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.empty(dim, r, device=device, dtype=dtype))
+
+    def initialise(self, adapter_name: str, init: InitOption) -> None:
+        A, B = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+        if init is False:
+            nn.init.normal_(A)
+        elif init in (True, "gaussian"):
+            nn.init.zeros_(A)  # A (not B) is zero here: B ~ N(0, 1) so gradients reach A from step one
+        else:
+            raise ValueError(f"init_lora_weights={init!r} is not supported for nn.Embedding.")
+        nn.init.normal_(B)
+
+    def pending_adapters(self) -> list[str]:
+        return [a for a in super().pending_adapters() if a in self.lora_embedding_A]
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        A, B = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+        return ((B @ A).T * self.scaling[adapter_name]).to(self.base_layer.weight.dtype)  # (num, dim)
+
+    def adapter_output(self, adapter_name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
+        A, B = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+        base = self.base_layer
+        after_A = F.embedding(
+            x, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+        )
+        out = (after_A @ B.T) * self.scaling[adapter_name]  # (..., r) @ (r, dim) -> (..., dim)
+        # Scaled embeddings (BART's, Gemma 3's) multiply their lookup by embed_scale: so does the update, as a merged
+        # weight would be (and as peft does).
+        embed_scale = getattr(base, "embed_scale", None)
+        if embed_scale is not None:
+            out = out * (embed_scale.to(out.dtype) if torch.is_tensor(embed_scale) else embed_scale)
+        return out
+
+
+class LoraConv(LoraLayer):
+    """LoRA on ``nn.Conv1d/2d/3d``: ``A`` is a conv with the base's kernel and ``r`` channels, ``B`` a 1x1 conv."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        if base_layer.groups != 1:
+            raise ValueError(f"LoRA on grouped convolutions (groups={base_layer.groups}) is not supported.")
+        self._conv_fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[base_layer.weight.dim() - 2]
+
+    def create_weights(self, adapter_name: str, r: int, device: torch.device, dtype: torch.dtype) -> None:
+        base = self.base_layer
+        conv = type(base)
+        self.lora_A[adapter_name] = conv(
+            base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
+            bias=False, padding_mode=base.padding_mode, device=device, dtype=dtype,
+        )  # fmt: skip
+        self.lora_B[adapter_name] = conv(r, base.out_channels, 1, 1, bias=False, device=device, dtype=dtype)
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        # Composing conv(k) then conv(1x1) is the conv whose kernel is B applied to A's kernels.
+        delta = self._conv_fn(A.transpose(0, 1), B).transpose(0, 1)  # (out, in, *k)
+        return (delta * self.scaling[adapter_name]).to(self.base_layer.weight.dtype)
+
+
+#: The LoRA layer type wrapping each supported base layer type.
+LAYER_TYPES: dict[type[nn.Module], type[LoraLayer]] = {
+    nn.Linear: LoraLinear,
+    Conv1D: LoraLinear,
+    nn.Embedding: LoraEmbedding,
+    nn.Conv1d: LoraConv,
+    nn.Conv2d: LoraConv,
+    nn.Conv3d: LoraConv,
+}
+
+#: ``module -> LoRA layer type or None`` rules tried before :data:`LAYER_TYPES` (qlora.py adds bitsandbytes layers).
+LAYER_RESOLVERS: list[Callable[[nn.Module], type[LoraLayer] | None]] = []
+
+
+def lora_layer_type(module: nn.Module) -> type[LoraLayer]:
+    """The LoRA layer for ``module``: by its most specific supported base class, so subclasses of ``nn.Linear``
+    (``NonDynamicallyQuantizableLinear``, a user's ``MyLinear``), ``nn.Embedding`` (scaled embeddings) and
+    ``nn.Conv*`` are handled as their base."""
+    for resolve in LAYER_RESOLVERS:
+        if (layer_type := resolve(module)) is not None:
+            return layer_type
+    for base in type(module).__mro__:
+        if base in LAYER_TYPES:
+            return LAYER_TYPES[base]
+    raise TypeError(
+        f"LoRA cannot adapt {type(module).__name__}; supported: {sorted(t.__name__ for t in LAYER_TYPES)} and "
+        "their subclasses."
+    )

@@ -1,0 +1,278 @@
+"""LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685) with rsLoRA, DoRA and PiSSA.
+
+A frozen layer ``W`` gains a trainable low-rank update: ``y = W x + B A dropout(x) * s``
+with ``A: (r, in)``, ``B: (out, r)``. ``B`` starts at zero so the adapted model
+is the base model at step 0. The scale ``s = alpha / r`` keeps the update's size
+independent of ``r`` when tuning ``alpha``; rsLoRA (Kalajdzievski 2023,
+https://arxiv.org/abs/2312.03732) uses ``alpha / sqrt(r)``, which keeps the
+learning dynamics stable as ``r`` grows. DoRA (Liu et al. 2024,
+https://arxiv.org/abs/2402.09353) splits ``W + sBA`` into a trained magnitude and
+a direction. PiSSA (Meng et al. 2024, https://arxiv.org/abs/2404.02948)
+initialises ``A, B`` from the top singular vectors of ``W`` and keeps the
+residual as the base.
+
+Numerics and parameter names follow Hugging Face ``peft`` so saved adapters load there.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from torch import nn
+
+from lightning_peft.core.adapter_layer import ModulesToSave
+from lightning_peft.core.contract import PEFTMethod, register_method
+from lightning_peft.core.targeting import find_targets, pattern_value, replace_module
+from lightning_peft.core.transformers_compat import Conv1D
+from lightning_peft.methods.lora.layers import (  # the layers, also importable from here as before
+    LAYER_RESOLVERS,
+    LAYER_TYPES,
+    InitOption,
+    LoraConv,
+    LoraEmbedding,
+    LoraLayer,
+    LoraLinear,
+    lora_layer_type,
+)
+
+__all__ = [
+    "DEFAULT_TARGETS", "LAYER_RESOLVERS", "LAYER_TYPES", "InitOption", "LoRA", "LoraConv", "LoraEmbedding", "LoraLayer", "LoraLinear",
+    "lora_layer_type",
+]  # fmt: skip
+
+#: Default targets per transformers ``model_type`` when ``target_modules`` is not given (as in peft).
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "gpt2": ["c_attn"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "t5": ["q", "v"],
+}
+
+
+@register_method
+@dataclass(kw_only=True)
+class LoRA(PEFTMethod):
+    """Low-rank adaptation of linear, embedding and convolution layers.
+
+    Example:
+        >>> from lightning_peft.methods import LoRA
+        >>> LoRA(r=8, alpha=16, target_modules=["q_proj", "v_proj"]).scale_for(8)
+        2.0
+
+    Args:
+        target_modules: Names (suffix match), a full-match regex, or ``"all-linear"``. ``None`` uses the
+            per-architecture default (e.g. ``q_proj, v_proj`` for Llama).
+        exclude_modules: Modules to leave alone, same syntax.
+        r: Rank of the update.
+        alpha: Scale numerator: the update is multiplied by ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
+        dropout: Dropout on the adapter's input, in ``[0, 1)``.
+        bias: ``"none"``, ``"all"`` (train every bias) or ``"lora_only"`` (biases of the adapted layers).
+        use_rslora: Rank-stabilised scaling.
+        use_dora: Weight-decomposed LoRA (trained magnitude per output row).
+        init_lora_weights: ``True`` (kaiming A, zero B), ``"gaussian"``, ``"pissa"``, ``"pissa_niter_<n>"``,
+            or ``False`` (random B: not a no-op; for tests).
+        rank_pattern: ``{regex: r}`` per-module rank overrides (matched against the module name's tail).
+        alpha_pattern: ``{regex: alpha}`` per-module alpha overrides.
+        modules_to_save: Modules trained in full (e.g. a new classification head).
+    """
+
+    peft_type: ClassVar[str] = "LORA"
+    mergeable: ClassVar[bool] = True
+
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    r: int = 8
+    alpha: float = 8
+    dropout: float = 0.0
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: InitOption = True
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        for where, rank in [
+            ("r", self.r),
+            *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items()),
+        ]:
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+                raise ValueError(
+                    f"LoRA {where}={rank!r}: the rank must be an integer >= 1 (typical: 4 to 64)."
+                )
+        for where, alpha in [
+            ("alpha", self.alpha),
+            *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items()),
+        ]:
+            if not alpha > 0:
+                raise ValueError(
+                    f"LoRA {where}={alpha!r}: alpha must be > 0 (common choices: alpha = r or 2r)."
+                )
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA dropout={self.dropout!r} must be in [0, 1); use 0 to disable dropout.")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"LoRA bias={self.bias!r} must be one of 'none', 'all', 'lora_only'.")
+        init = self.init_lora_weights
+        if not (
+            isinstance(init, bool)
+            or init in ("gaussian", "pissa")
+            or re.fullmatch(r"pissa_niter_\d+", str(init))
+        ):
+            raise ValueError(
+                f"LoRA init_lora_weights={init!r}: use True, False, 'gaussian', 'pissa' or 'pissa_niter_<n>'."
+            )
+        if self.use_dora and isinstance(init, str) and init.startswith("pissa"):
+            raise ValueError("LoRA: use_dora=True cannot be combined with PiSSA initialisation; pick one.")
+
+    def scale_for(self, r: int, alpha: float | None = None) -> float:
+        alpha = self.alpha if alpha is None else alpha
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def resolve_target_modules(self, model: nn.Module) -> list[str] | str:
+        if self.target_modules is not None:
+            return self.target_modules
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise ValueError(
+                f"LoRA: target_modules is required for this model (no default for model_type={model_type!r}); "
+                "pass e.g. target_modules=['q_proj', 'v_proj'] or 'all-linear'."
+            )
+        return DEFAULT_TARGETS[model_type]
+
+    def inject_layers(self, model: nn.Module, adapter_name: str) -> None:
+        targets = find_targets(
+            model,
+            self.resolve_target_modules(model),
+            supported=(*LAYER_TYPES, LoraLayer),
+            exclude_modules=self.exclude_modules,
+            skip=self.modules_to_save or (),
+            linear_types=(nn.Linear, Conv1D),
+            method="LoRA",
+        )
+        # Check every target before changing any (PiSSA rewrites base weights), so a refusal leaves the model as is.
+        planned = []
+        for name, module in targets:
+            layer = module if isinstance(module, LoraLayer) else lora_layer_type(module)(module)
+            r = int(pattern_value(name, self.rank_pattern, self.r))
+            self._check_target(name, layer, r)
+            planned.append((name, module, layer, r, pattern_value(name, self.alpha_pattern, self.alpha)))
+        _warn_about_ranks_beyond_width(planned)
+        for name, module, layer, r, alpha in planned:
+            layer.update_layer(
+                adapter_name, r, alpha, self.dropout, self.use_rslora, self.use_dora, self.init_lora_weights
+            )
+            if layer is not module:
+                replace_module(model, name, layer)
+
+    def _check_target(self, name: str, layer: LoraLayer, r: int) -> None:
+        kind = type(layer.base_layer).__name__
+        if self.use_dora and not isinstance(layer, LoraLinear):
+            raise ValueError(f"LoRA use_dora=True: DoRA supports Linear/Conv1D layers; {name} is {kind}.")
+        init = self.init_lora_weights
+        if isinstance(init, str) and init.startswith("pissa"):
+            if not isinstance(layer, LoraLinear):
+                raise ValueError(
+                    f"LoRA init_lora_weights={init!r}: PiSSA supports Linear/Conv1D layers; {name} is {kind}."
+                )
+            if r > min(layer.in_features, layer.out_features):
+                raise ValueError(
+                    f"LoRA init_lora_weights={init!r}: PiSSA needs r <= min(out, in) = "
+                    f"{min(layer.in_features, layer.out_features)} for {name}, got r={r}; lower r (or set "
+                    "rank_pattern for this module)."
+                )
+
+    def extra_state_names(self, model: nn.Module, adapter_name: str) -> list[str]:
+        if self.bias == "all":
+            # Not inside a modules_to_save wrapper: its original stays frozen, its copies are adapter state already.
+            wrapped = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, ModulesToSave))
+            return [
+                name
+                for name, _ in model.named_parameters()
+                if (name == "bias" or name.endswith(".bias"))
+                and "lora_" not in name
+                and not name.startswith(wrapped)
+            ]
+        if self.bias == "lora_only":
+            return [
+                f"{name}.base_layer.bias"
+                for name, module in model.named_modules()
+                if isinstance(module, LoraLayer)
+                and adapter_name in module.r
+                and module.base_layer.bias is not None
+            ]
+        return []
+
+    def to_peft_config(self, model: nn.Module, adapter_name: str) -> dict[str, Any]:
+        targeted = sorted(
+            n for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.r
+        )
+        return {
+            "peft_type": self.peft_type,
+            # The exact module names: peft's suffix matching then selects the same modules, nothing more.
+            "target_modules": targeted,
+            "exclude_modules": None,
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "bias": self.bias,
+            "use_rslora": self.use_rslora,
+            "use_dora": self.use_dora,
+            "init_lora_weights": self.init_lora_weights,
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
+            "modules_to_save": list(self.modules_to_save) if self.modules_to_save else None,
+            "fan_in_fan_out": any(
+                getattr(m, "fan_in_fan_out", False) for n, m in model.named_modules() if n in targeted
+            ),
+        }
+
+    @classmethod
+    def from_peft_config(cls, config: dict[str, Any]) -> LoRA:
+        if "lora_alpha" not in config or "r" not in config:
+            raise ValueError(
+                "adapter_config.json for LORA lacks 'r' or 'lora_alpha'; without them the adapter's scale is unknown "
+                "and outputs would be silently wrong. Add the values used in training."
+            )
+        return cls(
+            target_modules=config.get("target_modules"),
+            exclude_modules=config.get("exclude_modules"),
+            r=config["r"],
+            alpha=config["lora_alpha"],
+            dropout=config.get("lora_dropout", 0.0),
+            bias=config.get("bias", "none"),
+            use_rslora=config.get("use_rslora", False),
+            use_dora=config.get("use_dora")
+            or False,  # absent (or null) in pre-DoRA files: explicitly plain LoRA
+            init_lora_weights=config.get("init_lora_weights", True),
+            rank_pattern=dict(config.get("rank_pattern") or {}),
+            alpha_pattern=dict(config.get("alpha_pattern") or {}),
+            modules_to_save=config.get("modules_to_save"),
+        )
+
+
+def _warn_about_ranks_beyond_width(planned: list[tuple[str, nn.Module, LoraLayer, int, float]]) -> None:
+    """A rank above min(in, out) adds parameters but no expressiveness: B @ A cannot exceed the layer's rank."""
+    wide = [
+        (name, r, width)
+        for name, _, layer, r, _ in planned
+        if (width := min(getattr(layer, "in_features", r), getattr(layer, "out_features", r))) < r
+    ]
+    if wide:
+        name, r, width = wide[0]
+        warnings.warn(
+            f"LoRA r={r} exceeds the width of {len(wide)} target layers (e.g. {name}: min(in, out) = {width}): the "
+            "update cannot have a higher rank than the layer, so the extra parameters add nothing. Lower r, set "
+            "rank_pattern for those layers, or train them in full (modules_to_save).",
+            stacklevel=4,
+        )

@@ -1,0 +1,297 @@
+"""Rewriting each call of a model for its soft-prompt adapter: two forward hooks on the *host*.
+
+The host is the outermost module with ``get_input_embeddings()`` (e.g. ``LlamaForCausalLM``). Its pre-hook reads
+the active adapter from the :class:`~lightning_peft.methods.prompt.virtual_tokens.VirtualTokens` layer and, given
+``input_ids``/``inputs_embeds``, ``attention_mask``, ``labels``, ``position_ids``, ``token_type_ids``:
+
+* prompt kind: prepends the ``n`` prompts to the input embeddings, pads token-level ``labels`` with -100 and
+  ``token_type_ids`` with 0;
+* prefix kind: writes each layer's ``n`` keys/values into the cache argument (a new dynamic cache, or the
+  empty one ``generate`` passes); the model's own attention then attends to them first, with its own grouped-query
+  heads and rotary embeddings (applied to the real tokens only, as for any cached keys);
+* both: extend ``attention_mask`` with ``n`` ones and shift ``position_ids`` by ``n``.
+
+Positions: the virtual tokens take the first ``n`` positions and real tokens are shifted by ``n``, which is what a
+model does by itself when it reads a cache of length ``n``, and what Hugging Face ``peft`` computes. Explicit
+``position_ids`` (e.g. counted over a left-padded mask, as ``generate`` does) are shifted the same way, so left-
+and right-padded batches give the outputs of unpadded sequences. (peft drops them for prompt methods.)
+
+Outputs: token-level outputs (``logits``, ``last_hidden_state``, ``hidden_states``, ``start/end_logits``, and
+the query axis of ``attentions``) *drop* the virtual positions for all four methods, so they line up with
+``input_ids`` and ``labels``; peft keeps them in prompt methods' logits (ours are ``peft_logits[:, n:]``). The key
+axis of ``attentions`` and the returned cache keep them: that is where the prompt acts. The ``loss`` is the
+model's own over the extended sequence, as in peft: for a causal LM with a prompt method it includes predicting
+the first real token from the last virtual one. As in peft, prompts come before an encoder's ``[CLS]``, so a
+pooler that reads position 0 (BERT's) reads the first virtual token.
+
+Generation: a call with no cache (or an empty one) gets the virtual tokens; the cache it returns is tagged, and a
+call continuing from a tagged cache only extends the mask and shifts positions, since the cache already holds
+the virtual tokens. A non-empty cache that was not produced with the adapter is refused. The post-hook also
+checks that every attention layer read the prefix, so a model that ignores the cache fails loudly.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_peft.core import transformers_compat as hf
+from lightning_peft.methods.prompt.virtual_tokens import VirtualTokens, VirtualTokenSpec
+
+CACHE_TAG = "_lightning_peft_virtual_tokens"
+#: On a cache the prefix was written to: the call's own (B, T) padding mask (which inputs are real tokens).
+INPUT_MASK_TAG = "_lightning_peft_input_mask"
+_HOOKS_ATTR = "_lightning_peft_prompt_hooks"
+_CALLS = threading.local()  # the pre-hook's record of each call, for the post-hook (per thread: DataParallel)
+_TOKEN_LEVEL_2D = ("start_logits", "end_logits")
+CHECKPOINTING_ERROR = (
+    "{method} hands the prefix to the attention layers in the key/value cache, which transformers drops under gradient "
+    "checkpointing. Disable gradient checkpointing, or use PromptTuning/PTuning."
+)
+
+
+@dataclass
+class _Call:
+    """What the pre-hook did to one call."""
+
+    adapter_name: str
+    spec: VirtualTokenSpec
+    length: int  # query length after rewriting
+    prepended: bool  # prompts were prepended: outputs hold n virtual positions to drop
+    prefix_cache: Any = None  # the cache the prefix was written to
+    drop_cache: bool = False  # that cache is ours and the caller asked for none (use_cache=False)
+
+
+def install_hooks(host: nn.Module) -> None:
+    """Register the two hooks once; they remove themselves once the adapter layer is gone (``unload``)."""
+    if getattr(host, _HOOKS_ATTR, None):
+        return
+    handles = (
+        host.register_forward_pre_hook(_before_forward, with_kwargs=True),
+        host.register_forward_hook(_after_forward, with_kwargs=True),
+    )
+    object.__setattr__(host, _HOOKS_ATTR, handles)
+
+
+def checkpointing(host: nn.Module) -> bool:
+    return hf.activation_checkpointing(host)
+
+
+def _calls() -> dict[int, _Call | None]:
+    if not hasattr(_CALLS, "by_host"):
+        _CALLS.by_host = {}
+    return _CALLS.by_host
+
+
+def _before_forward(host: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    _calls()[id(host)] = None
+    layer = host.get_input_embeddings()
+    if not isinstance(layer, VirtualTokens):  # unloaded: the hooks go too
+        for handle in getattr(host, _HOOKS_ATTR, ()):
+            handle.remove()
+        object.__delattr__(host, _HOOKS_ATTR)
+        return None
+    adapter_name = layer.active_adapter()
+    if adapter_name is None:
+        return None
+    if layer.specs[adapter_name].kind == "prefix" and host.training and checkpointing(host):
+        raise RuntimeError(CHECKPOINTING_ERROR.format(method="The prefix adapter"))
+    args, kwargs = _keyword_arguments(host, args, dict(kwargs))
+    _calls()[id(host)] = rewrite_inputs(layer, adapter_name, kwargs, host)
+    return args, kwargs
+
+
+def _keyword_arguments(host: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Name positional arguments (``model(ids)``) so the rewrite sees every input."""
+    positional = [
+        p.name
+        for p in inspect.signature(host.forward).parameters.values()
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    named = min(len(args), len(positional))
+    kwargs.update(zip(positional[:named], args[:named], strict=True))
+    return args[named:], kwargs
+
+
+def rewrite_inputs(layer: VirtualTokens, adapter_name: str, kwargs: dict, host: nn.Module) -> _Call:
+    """Give one call of ``host`` (its ``kwargs``, changed in place) the adapter's virtual tokens."""
+    config = getattr(host, "config", None)
+    spec = layer.specs[adapter_name]
+    n = spec.num_virtual_tokens
+    input_ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+    if input_ids is None and embeds is None:
+        raise ValueError("Soft-prompt methods need input_ids or inputs_embeds in the call.")
+    batch, length = (input_ids if input_ids is not None else embeds).shape[:2]
+    cache = hf.call_cache(kwargs)
+    continuing = _holds_virtual_tokens(cache, adapter_name, n)
+    if (limit := _position_limit(host)) is not None:
+        total = (hf.cache_length(cache) if continuing else n) + length
+        if total > limit:
+            raise ValueError(
+                f"{n} virtual tokens + {total - n} input tokens = {total} positions, but {type(host).__name__} has "
+                f"{limit} learned positions. Shorten inputs to {limit - n} tokens (data.max_length) or use fewer "
+                "virtual tokens."
+            )
+    call = _Call(adapter_name, spec, length, prepended=spec.kind == "prompt" and not continuing)
+
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.dim() != 2:
+        raise ValueError(
+            f"Soft-prompt methods extend a 2-D attention_mask (B, T); got shape {tuple(mask.shape)}. "
+            "Pass the 2-D padding mask and let the model build its attention mask."
+        )
+    if mask is None and spec.kind == "prefix":  # encoders size their mask from it: make the prefix visible
+        seen = hf.cache_length(cache) - n if continuing else 0  # what the caller has seen: without the prefix
+        device = (input_ids if input_ids is not None else embeds).device
+        mask = torch.ones(batch, seen + length, dtype=torch.long, device=device)
+    if mask is not None:
+        kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)  # (B, n + T)
+    if (positions := kwargs.get("position_ids")) is not None:
+        kwargs["position_ids"] = _shift_positions(positions, mask, n, call.prepended, batch)
+
+    if call.prepended:
+        _prepend_prompts(layer, adapter_name, kwargs, batch, length)
+        call.length = n + length
+    elif spec.kind == "prefix" and not continuing:
+        if cache is None:
+            cache = hf.new_cache(config)
+            use_cache = kwargs.get("use_cache")  # transformers defaults it to config.use_cache
+            call.drop_cache = not (getattr(config, "use_cache", False) if use_cache is None else use_cache)
+        dtype = embeds.dtype if embeds is not None else layer.weight.dtype
+        for index, (key, value) in enumerate(layer.prefix(adapter_name, batch, dtype)):
+            cache.update(key, value, index)  # (B, n_kv_heads, n, head_dim) per layer
+        setattr(cache, CACHE_TAG, (adapter_name, n))
+        setattr(cache, INPUT_MASK_TAG, mask)
+        hf.set_call_cache(host, kwargs, cache)
+        call.prefix_cache = cache
+    return call
+
+
+_POSITION_LIMITS: weakref.WeakKeyDictionary[nn.Module, int | None] = weakref.WeakKeyDictionary()
+
+
+def _position_limit(host: nn.Module) -> int | None:
+    """The host's learned position table size (``None``: rotary/relative positions), found once per model."""
+    if host not in _POSITION_LIMITS:
+        table = hf.learned_positions(host)
+        _POSITION_LIMITS[host] = table[0] if table is not None else None
+    return _POSITION_LIMITS[host]
+
+
+def _prepend_prompts(layer: VirtualTokens, adapter_name: str, kwargs: dict, batch: int, length: int) -> None:
+    n = layer.specs[adapter_name].num_virtual_tokens
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is None:
+        embeds = layer(kwargs.pop("input_ids"))
+    kwargs.pop("input_ids", None)
+    # (B, n, d) ++ (B, T, d) -> (B, n + T, d)
+    kwargs["inputs_embeds"] = torch.cat([layer.prompts(adapter_name, batch, embeds.dtype), embeds], dim=1)
+    if (token_types := kwargs.get("token_type_ids")) is not None:
+        kwargs["token_type_ids"] = torch.cat([token_types.new_zeros(token_types.shape[0], n), token_types], 1)
+    labels = kwargs.get("labels")
+    # Only token-level labels (B, T) of class indices; a sequence's label(s) are left alone.
+    if (
+        labels is not None
+        and labels.dim() == 2
+        and labels.shape[1] == length
+        and not labels.is_floating_point()
+    ):
+        kwargs["labels"] = torch.cat([labels.new_full((labels.shape[0], n), -100), labels], dim=1)
+
+
+def _holds_virtual_tokens(cache: Any, adapter_name: str, n: int) -> bool:
+    """Whether ``cache`` continues a call that already got this adapter's virtual tokens."""
+    if cache is None or not hf.is_cache(cache) or hf.cache_length(cache) == 0:
+        return False
+    tag = getattr(cache, CACHE_TAG, None)
+    if tag != (adapter_name, n):
+        raise ValueError(
+            "The cache holds tokens but was not produced with this soft-prompt adapter "
+            f"('{adapter_name}', {n} virtual tokens; cache tag {tag}): its positions would not line up with the "
+            "virtual tokens. Start from no cache (or an empty one), as generate() does."
+        )
+    return True
+
+
+def _shift_positions(
+    positions: torch.Tensor, mask: torch.Tensor | None, n: int, prepend: bool, batch: int
+) -> torch.Tensor:
+    if positions.dim() == 1:
+        positions = positions.unsqueeze(0)
+    if positions.dim() != 2:
+        raise ValueError(f"Soft-prompt methods shift 2-D position_ids (B, T); got {tuple(positions.shape)}.")
+    shifted = positions + n
+    if not prepend:
+        return shifted
+    # The prompts take the n positions from each row's first real token on (RoBERTa counts from padding_idx + 1).
+    positions = positions.expand(batch, -1)
+    first_real = (mask != 0).int().argmax(dim=1, keepdim=True) if mask is not None else None
+    first = positions[:, :1] if first_real is None else positions.gather(1, first_real)  # (B, 1)
+    prompt_positions = first + torch.arange(n, device=positions.device, dtype=positions.dtype)  # (B, n)
+    return torch.cat([prompt_positions, shifted.expand(batch, -1)], dim=1)
+
+
+def _after_forward(host: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    call = _calls().pop(id(host), None)
+    if call is None:
+        return None
+    if call.prefix_cache is not None:
+        _check_prefix_used(host, call)
+    if call.prepended:
+        output = drop_virtual_positions(output, call.spec.num_virtual_tokens, call.length)
+    cache = hf.output_cache(output)
+    if cache is not None:
+        if call.drop_cache and hasattr(output, "keys"):
+            hf.set_output_cache(output, None)
+        elif hf.is_cache(cache):
+            setattr(cache, CACHE_TAG, (call.adapter_name, call.spec.num_virtual_tokens))
+    return output
+
+
+def _check_prefix_used(host: nn.Module, call: _Call) -> None:
+    cache, spec = call.prefix_cache, call.spec
+    expected = spec.num_virtual_tokens + call.length
+    seen = [hf.cache_length(cache, i) for i in range(spec.num_layers)]
+    if any(s != expected for s in seen):
+        raise RuntimeError(
+            f"{type(host).__name__} did not use the prefix in every attention layer: the cache's layers hold "
+            f"{seen} tokens after the call, expected {expected} ({spec.num_virtual_tokens} prefix + "
+            f"{call.length} inputs) in each of {spec.num_layers} layers. Prefix methods need attention layers that "
+            "call cache.update(key, value, layer_idx) (DistilBERT's do not), and no gradient "
+            "checkpointing (transformers then drops the cache). Use PromptTuning/PTuning for this model."
+        )
+
+
+def drop_virtual_positions(output: Any, n: int, length: int) -> Any:
+    """Remove the ``n`` leading virtual positions from the token-level parts of a model output."""
+
+    def cut(value: Any, min_dim: int = 3) -> Any:  # (B, n + T, ...) -> (B, T, ...)
+        if isinstance(value, torch.Tensor):
+            return value[:, n:] if value.dim() >= min_dim and value.shape[1] == length else value
+        if isinstance(value, tuple) and not hasattr(value, "keys"):
+            return tuple(cut(v, min_dim) for v in value)
+        return value
+
+    def cut_queries(value: Any) -> Any:  # (B, heads, n + T, keys) -> (B, heads, T, keys)
+        if isinstance(value, torch.Tensor):
+            return value[:, :, n:] if value.dim() == 4 and value.shape[2] == length else value
+        return tuple(cut_queries(v) for v in value) if isinstance(value, tuple) else value
+
+    if not hasattr(output, "keys"):  # a tensor or a tuple (return_dict=False, or a custom model)
+        return cut(output)
+    for key in list(output.keys()):
+        value = output[key]
+        if hf.is_cache_field(key) or value is None:
+            continue
+        output[key] = (
+            cut_queries(value)
+            if key.endswith("attentions")
+            else cut(value, 2 if key in _TOKEN_LEVEL_2D else 3)
+        )
+    return output
