@@ -12,9 +12,10 @@ from lightning_peft.core.injection import (
     unload,
     unmerge,
 )
+from lightning_peft.core.mixed_batch import mixed_batch
 from lightning_peft.formats.peft_directory import load_adapter, save_adapter
 from lightning_peft.integrations.callback import PEFTCallback
-from lightning_peft.methods.multi_adapter import add_weighted_adapter, mixed_batch
+from lightning_peft.methods.lora.weighted import add_weighted_adapter
 
 __version__ = "0.1.0"
 

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_peft import PEFTCallback, count_parameters, inject
 from lightning_peft.methods import LoRA
-from lightning_peft.methods.lora.lora import LoraLayer
+from lightning_peft.methods.lora.layers import LoraLayer
 from tests.tiny_models import VOCAB, MLPConv, tiny_bert_classifier, tiny_llama
 
 QV = LoRA(r=8, alpha=16, target_modules=["q_proj", "v_proj"])
@@ -391,10 +391,12 @@ class CountingLoRA(LoRA):
         super().__post_init__()
         self.calls: list[tuple[int, int | None]] = []
 
-    def on_optimizer_step(self, model, step, total_steps):
+    def on_optimizer_step(self, model, adapter_name, step, total_steps):
+        assert adapter_name == "default"
         self.calls.append((step, total_steps))
 
-    def extra_loss(self, model):
+    def extra_loss(self, model, adapter_name):
+        assert adapter_name == "default"
         if not self.penalty:
             return None
         return self.penalty * sum((p**2).sum() for n, p in model.named_parameters() if "lora_A" in n)

@@ -18,7 +18,7 @@ from lightning_peft import (
 )
 from lightning_peft.core.injection import adapter_state_keys, injection_record
 from lightning_peft.methods import LoRA
-from lightning_peft.methods.lora.lora import LoraLayer
+from lightning_peft.methods.lora.layers import LoraLayer
 from tests.tiny_models import MLPConv, tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch
 
 

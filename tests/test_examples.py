@@ -86,3 +86,21 @@ def test_fabric_loop_resumes_exactly_from_an_adapter_only_checkpoint(tmp_path):
     names = json.loads(tensors.replace("'", '"'))
     assert len(names) == 8 and all(".lora_" in n for n in names)
     assert len(load_file(tmp_path / "adapter" / "adapter_model.safetensors")) == 8
+
+
+def test_a_method_written_outside_the_package_passes_the_checks_every_method_passes(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "custom_method.py")],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    (difference,) = re.findall(
+        r"passes lightning_peft.testing.check_method; .* max \|logit diff\| = (\S+)", result.stdout
+    )
+    assert float(difference) == 0.0
+    # The trained LoHa factors are what trained (1,792 of 92,224 parameters: 4 factors on q_proj and v_proj of 2
+    # layers, r=2, 64 wide).
+    assert "LoHa 'default' trains 1,792 of 92,224 parameters" in result.stdout + result.stderr

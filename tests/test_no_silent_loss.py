@@ -19,8 +19,8 @@ from lightning_peft import PEFTCallback, adapter_state_dict, inject, load_adapte
 from lightning_peft.formats.peft_directory import WEIGHTS_NAME
 from lightning_peft.integrations.fabric import InputGradientProbe, adapter_filter, trainable_parameters
 from lightning_peft.methods import LoRA
-from lightning_peft.methods.lora.lora import LoraLayer
-from tests.methods.method_checks import randomise
+from lightning_peft.methods.lora.layers import LoraLayer
+from lightning_peft.testing.checks import randomise
 from tests.test_callback import QV, CausalLM, make_trainer, token_loader
 from tests.tiny_models import VOCAB, tiny_llama, token_batch
 

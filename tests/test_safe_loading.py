@@ -17,7 +17,7 @@ from lightning_peft import PEFTCallback, load_adapter, save_adapter
 from lightning_peft.core.injection import inject, injection_record
 from lightning_peft.formats.peft_directory import CONFIG_NAME, WEIGHTS_NAME
 from lightning_peft.methods import LoRA, PrefixTuning, PromptTuning
-from tests.methods.method_checks import randomise
+from lightning_peft.testing.checks import randomise
 from tests.test_callback import CausalLM, make_trainer, token_loader
 from tests.tiny_models import tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch
 

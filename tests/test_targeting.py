@@ -11,7 +11,7 @@ from lightning_peft import inject
 from lightning_peft.core.adapter_layer import AdapterLayer
 from lightning_peft.core.targeting import find_targets, name_matches, output_head_names, pattern_value
 from lightning_peft.methods import LoRA, ModulesToSave
-from lightning_peft.methods.lora.lora import LoraLayer
+from lightning_peft.methods.lora.layers import LoraLayer
 from tests.tiny_models import MLPConv, tiny_bert_classifier, tiny_gpt2, tiny_llama
 
 LLAMA_LINEAR = (nn.Linear,)

@@ -28,7 +28,7 @@ from lightning_peft.methods import (
     PTuningV2,
     UniPELT,
 )
-from tests.methods import method_checks as checks
+from lightning_peft.testing import checks
 from tests.methods.prompt_helpers import greedy_without_cache, pad_id, padded, sequences
 from tests.tiny_models import VOCAB, tiny_gemma, tiny_gpt2, tiny_llama, tiny_opt, tiny_phi
 

@@ -2,59 +2,37 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
     DistilBertConfig,
     DistilBertForSequenceClassification,
     GemmaConfig,
     GemmaForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
     OPTConfig,
     OPTForCausalLM,
     PhiConfig,
     PhiForCausalLM,
-    PretrainedConfig,
-    PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
     RobertaConfig,
     RobertaForSequenceClassification,
 )
 
-VOCAB = 128
-
-# The Llama-family decoders: 2 layers, 4 query heads sharing 2 key/value heads (grouped-query attention).
-DECODER = dict(
-    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-)  # fmt: skip
-# The BERT-style encoders, before their positions and labels.
-ENCODER = dict(
-    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
+# The models lightning_peft.testing checks methods on, re-exported beside the other families.
+from lightning_peft.testing.models import (
+    DECODER,
+    ENCODER,
+    VOCAB,
+    seeded,
+    tiny_bert_classifier,
+    tiny_llama,
+    token_batch,
 )
-
-
-def seeded(
-    model_class: type[PreTrainedModel], config_class: type[PretrainedConfig], seed: int, **config: Any
-):
-    """``model_class(config_class(**config))`` in eval mode, initialised after ``torch.manual_seed(seed)``."""
-    torch.manual_seed(seed)
-    return model_class(config_class(**config)).eval()
-
-
-def tiny_llama(seed: int = 0, **overrides: Any) -> LlamaForCausalLM:
-    """DECODER as a Llama; ``overrides`` replace config fields (a wider model, another vocabulary)."""
-    return seeded(LlamaForCausalLM, LlamaConfig, seed, **{**DECODER, **overrides})
 
 
 def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
@@ -90,15 +68,6 @@ def tiny_opt(seed: int = 0) -> OPTForCausalLM:
     return seeded(
         OPTForCausalLM, OPTConfig, seed, vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64,
-    )  # fmt: skip
-
-
-def tiny_bert_classifier(
-    seed: int = 0, num_labels: int = 3, initializer_range: float = 0.02
-) -> BertForSequenceClassification:
-    return seeded(
-        BertForSequenceClassification, BertConfig, seed, **ENCODER, max_position_embeddings=64,
-        num_labels=num_labels, initializer_range=initializer_range,
     )  # fmt: skip
 
 
@@ -144,6 +113,21 @@ class MLPConv(nn.Module):
         return torch.randn(batch, 3, 4, 4, generator=g), torch.randint(0, 10, (batch,), generator=g)
 
 
-def token_batch(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, VOCAB, (batch, length), generator=g)
+__all__ = [
+    "DECODER",
+    "ENCODER",
+    "VOCAB",
+    "MLPConv",
+    "seeded",
+    "tiny_bert_classifier",
+    "tiny_distilbert_classifier",
+    "tiny_gemma",
+    "tiny_gpt2",
+    "tiny_llama",
+    "tiny_mistral",
+    "tiny_opt",
+    "tiny_phi",
+    "tiny_qwen2",
+    "tiny_roberta_classifier",
+    "token_batch",
+]

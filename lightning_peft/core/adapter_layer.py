@@ -15,6 +15,12 @@ import torch
 from torch import nn
 
 
+def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
+    """The dtype of a new adapter on a base weight: fp32/fp64 bases keep theirs; half-precision (and quantized) bases
+    get fp32 adapters, as peft's ``autocast_adapter_dtype``: tiny, and far better optimised."""
+    return base_weight.dtype if base_weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
 class NotMergeableError(RuntimeError):
     """Raised when merge is requested for a method that cannot fold into the base weights."""
 
@@ -22,12 +28,23 @@ class NotMergeableError(RuntimeError):
 class AdapterLayer(nn.Module):
     """Wraps a base layer (never copied) and holds named adapters.
 
-    Subclasses list in ``adapter_attrs`` the ``ModuleDict``/``ParameterDict``
-    attributes keyed by adapter name, and implement ``forward`` and, when
-    mergeable, ``merge_adapter``/``unmerge_adapter``.
+    A subclass declares its per-adapter state and implements what differs between methods; the rules every
+    adapter layer follows live here, once:
+
+    * ``adapter_attrs``: the ``ModuleDict``/``ParameterDict`` attributes keyed by adapter name (its tensors);
+    * ``adapter_settings``: plain ``dict`` attributes keyed by adapter name (rank, scaling, placement, ...);
+    * :meth:`add_adapter` adds one adapter (its own arguments) and makes it active;
+    * :meth:`adapted_forward` computes the output with the given adapters (the base layer's otherwise);
+    * mergeable layers implement :meth:`merge_adapter`/:meth:`unmerge_adapter` (and :meth:`check_merge`);
+    * ``supports_mixed_batch`` layers implement :meth:`forward_rows` (:func:`lightning_peft.mixed_batch`).
+
+    :meth:`forward` then handles disabling (merged adapters are unmerged first), mixed batches and adapters already
+    merged into the base weight; :meth:`delete_adapter` drops every declared attribute of one adapter.
     """
 
     adapter_attrs: ClassVar[tuple[str, ...]] = ()
+    adapter_settings: ClassVar[tuple[str, ...]] = ()
+    supports_mixed_batch: ClassVar[bool] = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -35,15 +52,54 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        # One adapter name (or None: the base) per batch row, set only inside lightning_peft.mixed_batch.
+        self.row_adapters: list[str | None] | None = None
 
     def __getattr__(self, name: str) -> Any:
-        # Model code sometimes reads `layer.weight` / `layer.in_features` of what it thinks is the base layer.
+        # Model code reads `layer.weight` / `layer.in_features` of what it thinks is the base layer.
         try:
             return super().__getattr__(name)
         except AttributeError:
             if name == "base_layer":
                 raise
-            return getattr(self.base_layer, name)
+            base = self.base_layer  # raises above when even that is missing (an object being unpickled)
+            try:
+                return getattr(base, name)
+            except AttributeError:
+                raise AttributeError(
+                    f"{type(self).__name__} (an adapter wrapper around {type(base).__name__}) has no attribute "
+                    f"{name!r}, and neither has its base layer."
+                ) from None
+
+    # --- what a layer implements ------------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """Create adapter ``adapter_name`` (trainable, initialised) and append it to ``active_adapters``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement add_adapter.")
+
+    def adapted_forward(self, adapter_names: list[str], *args: Any, **kwargs: Any) -> Any:
+        """The output with ``adapter_names`` (active, held here, not merged; never empty) applied."""
+        raise NotImplementedError(f"{type(self).__name__} must implement adapted_forward.")
+
+    def forward_rows(self, row_adapters: list[str | None], *args: Any, **kwargs: Any) -> Any:
+        """Mixed batch: row ``i`` with adapter ``row_adapters[i]`` (``None``: the base); see ``supports_mixed_batch``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot pick an adapter per batch row.")
+
+    # --- the forward rules, once --------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.disabled:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(*args, **kwargs)
+        if self.row_adapters is not None:
+            return self.forward_rows(self.row_adapters, *args, **kwargs)
+        pending = self.pending_adapters()
+        if not pending:  # no adapter here, or every active one is already in the base weight
+            return self.base_layer(*args, **kwargs)
+        return self.adapted_forward(pending, *args, **kwargs)
+
+    def pending_adapters(self) -> list[str]:
+        """Active adapters whose update is not already folded into the base weight."""
+        return [a for a in self.active_adapters if a not in self.merged_adapters]
 
     # --- adapters held by this layer -------------------------------------------------------------------------
     def adapter_names(self) -> list[str]:
@@ -67,12 +123,16 @@ class AdapterLayer(nn.Module):
         return keys
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Remove every declared attribute of one adapter (unmerging it first); other adapters are untouched."""
         if adapter_name in self.merged_adapters:
             self.unmerge_adapter(adapter_name)
+            self.merged_adapters.remove(adapter_name)
         for attr in self.adapter_attrs:
             container = getattr(self, attr)
             if adapter_name in container:
                 del container[adapter_name]
+        for attr in self.adapter_settings:
+            getattr(self, attr).pop(adapter_name, None)
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
 
     def set_active_adapters(self, names: list[str]) -> None:
@@ -131,10 +191,8 @@ class ModulesToSave(AdapterLayer):
     def merge(self, adapter_names: list[str] | None = None) -> None:
         """A trained copy has nothing to fold into the original; merging leaves it in use."""
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.disabled or not self.active_adapters:
-            return self.base_layer(*args, **kwargs)
-        return self.modules_to_save[self.active_adapters[0]](*args, **kwargs)
+    def adapted_forward(self, adapter_names: list[str], *args: Any, **kwargs: Any) -> Any:
+        return self.modules_to_save[adapter_names[0]](*args, **kwargs)
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:

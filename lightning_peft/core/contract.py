@@ -85,6 +85,9 @@ class PEFTMethod:
     modifies_inputs: ClassVar[bool] = False
     #: Whether some trainable parameter may get no gradient in a step (DDP then needs find_unused_parameters).
     may_have_unused_parameters: ClassVar[bool] = False
+    #: Whether the method can be a part of a :class:`~lightning_peft.methods.MethodUnion` (MAM, UniPELT).
+    composable: ClassVar[bool] = True
+    not_composable_because: ClassVar[str] = ""
 
     modules_to_save: list[str] | None = None
 
@@ -142,11 +145,16 @@ class PEFTMethod:
         return []
 
     # --- optional per-step hooks ----------------------------------------------------------------------------
-    def on_optimizer_step(self, model: nn.Module, step: int, total_steps: int | None) -> None:
-        """Called after each optimizer step, before gradients are zeroed (e.g. AdaLoRA's rank allocation)."""
+    def on_optimizer_step(
+        self, model: nn.Module, adapter_name: str, step: int, total_steps: int | None
+    ) -> None:
+        """Called after each optimizer step, before gradients are zeroed (e.g. AdaLoRA's rank allocation).
 
-    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
-        """An extra loss term added to the training objective (e.g. an orthogonality regulariser)."""
+        ``step`` is the number of optimizer steps done; ``total_steps`` the run's total when known.
+        """
+
+    def extra_loss(self, model: nn.Module, adapter_name: str) -> torch.Tensor | None:
+        """An extra loss term of adapter ``adapter_name`` added to the objective (e.g. an orthogonality regulariser)."""
         return None
 
     # --- training state outside parameters (checkpointed by PEFTCallback) ------------------------------------

@@ -80,7 +80,7 @@ def injection_record(model: nn.Module) -> InjectionRecord | None:
     return getattr(unwrap(model), _RECORD_ATTR, None)
 
 
-def _require_record(model: nn.Module) -> InjectionRecord:
+def require_record(model: nn.Module) -> InjectionRecord:
     record = injection_record(unwrap(model))
     if record is None:
         raise ValueError("This model has no adapters; call lightning_peft.inject(model, method) first.")
@@ -194,7 +194,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
         ValueError: ``adapter_name`` is not an adapter of this model (the known names are listed).
     """
     outer, model = model, unwrap(model)
-    record = _require_record(model)
+    record = require_record(model)
     if adapter_name not in record.methods:
         raise ValueError(
             f"Cannot delete adapter '{adapter_name}': this model has {sorted(record.methods)}. "
@@ -295,7 +295,7 @@ def prepare_gradient_checkpointing(model: nn.Module) -> None:
 def set_adapter(model: nn.Module, adapter_name: str) -> None:
     """Make ``adapter_name`` the active adapter: it alone runs in forward and is trainable."""
     model = unwrap(model)
-    record = _require_record(model)
+    record = require_record(model)
     if adapter_name not in record.methods:
         raise ValueError(f"Unknown adapter '{adapter_name}'; this model has {sorted(record.methods)}.")
     record.active = adapter_name
@@ -311,7 +311,7 @@ def adapter_state_keys(
 ) -> list[str]:
     """State-dict keys owned by adapter ``adapter_name`` (all adapters when ``None``), in model order."""
     model = unwrap(model)
-    record = _require_record(model)
+    record = require_record(model)
     names = list(record.methods) if adapter_name is None else [adapter_name]
     keys: list[str] = []
     for name in names:
@@ -359,7 +359,7 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module
         ValueError: merging would produce NaN/Inf weights; nothing is changed.
     """
     outer, model = model, unwrap(model)
-    record = _require_record(model)
+    record = require_record(model)
     names = adapter_names or [record.active]
     for name in names:
         method = record.methods[name]
@@ -382,7 +382,7 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo :func:`merge`: restore the base weights and run adapters separately again."""
     outer, model = model, unwrap(model)
-    _require_record(model)
+    require_record(model)
     for _, layer in adapter_layers(model):
         layer.unmerge()
     return outer
@@ -392,7 +392,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model: inside the block every adapter is bypassed (merged ones are unmerged first)."""
     outer, model = model, unwrap(model)
-    _require_record(model)
+    require_record(model)
     layers = [layer for _, layer in adapter_layers(model)]
     previous = [layer.disabled for layer in layers]
     for layer in layers:
@@ -411,7 +411,7 @@ def unload(model: nn.Module, *, merge_adapters: bool = False) -> nn.Module:
     copy; otherwise the base model is restored exactly, including parameters' original ``requires_grad``.
     """
     outer, model = model, unwrap(model)
-    record = _require_record(model)
+    record = require_record(model)
     if merge_adapters:
         merge(model)
     else:
@@ -430,7 +430,3 @@ def unload(model: nn.Module, *, merge_adapters: bool = False) -> nn.Module:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge the active adapter and return a plain model with no adapter layers."""
     return unload(model, merge_adapters=True)
-
-
-def is_adapter_layer(module: nn.Module) -> bool:
-    return isinstance(module, AdapterLayer)

@@ -29,13 +29,13 @@ import lightning_peft.methods  # noqa: F401  (registers the built-in methods' pe
 from lightning_peft.core.adapter_layer import adapter_layers, to_peft_key
 from lightning_peft.core.contract import method_for_peft_type, restorable_base_changes
 from lightning_peft.core.injection import (
-    _require_record,
     adapter_state_dict,
     adapter_state_keys,
     clean_key,
     discard_adapter,
     inject,
     injection_record,
+    require_record,
     unwrap,
 )
 from lightning_peft.core.targeting import check_pattern
@@ -82,7 +82,7 @@ def save_adapter(
         The directory path.
     """
     model = unwrap(model)
-    record = _require_record(model)
+    record = require_record(model)
     name = adapter_name or record.active
     method = record.methods[name]
     state = adapter_state_dict(model, name)

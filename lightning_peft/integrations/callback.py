@@ -136,6 +136,7 @@ class PEFTCallback(Callback):
 
     @property
     def state_key(self) -> str:
+        # Lightning keys a callback's checkpoint state by this: two PEFTCallbacks (other targets or adapters) differ.
         return self._generate_state_key(target=self.target, adapter_name=self.adapter_name)
 
     # --- where the model lives -------------------------------------------------------------------------------
@@ -443,7 +444,7 @@ class PEFTCallback(Callback):
             self._gradients_checked = True
             _warn_about_tensors_without_gradient(pl_module)
         model = self.target_module(pl_module)
-        extra = self.method.extra_loss(model)
+        extra = self.method.extra_loss(model, self.adapter_name)
         if extra is None:
             return
         params = [p for p in model.parameters() if p.requires_grad]
@@ -498,7 +499,9 @@ class PEFTCallback(Callback):
             total = trainer.estimated_stepping_batches
             self._total_steps = int(total) if math.isfinite(total) else -1
         total_steps = self._total_steps if self._total_steps >= 0 else None
-        self.method.on_optimizer_step(self.target_module(pl_module), trainer.global_step, total_steps)
+        self.method.on_optimizer_step(
+            self.target_module(pl_module), self.adapter_name, trainer.global_step, total_steps
+        )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.merge_on_fit_end:

@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from lightning_peft.core.adapter_layer import AdapterLayer
+from lightning_peft.core.adapter_layer import AdapterLayer, adapter_dtype
 from lightning_peft.core.contract import PEFTMethod, register_method
 from lightning_peft.core.targeting import TargetSpec, find_targets, replace_module
 from lightning_peft.core.transformers_compat import ACT2FN, Conv1D
@@ -177,6 +177,7 @@ class BottleneckLayer(AdapterLayer):
     """Wraps a block's submodule and joins one bottleneck per adapter to it (see :data:`Placement`)."""
 
     adapter_attrs = ("bottleneck",)
+    adapter_settings = ("placement", "scaling")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -189,7 +190,9 @@ class BottleneckLayer(AdapterLayer):
             inner = inner.base_layer
         self._arg_names = list(inspect.signature(inner.forward).parameters)[:2]
 
-    def add_adapter(self, adapter_name: str, module: nn.Module, placement: Placement, scaling: float) -> None:
+    def add_adapter(  # type: ignore[override]
+        self, adapter_name: str, module: nn.Module, placement: Placement, scaling: float
+    ) -> None:
         """Add ``module`` (a :class:`Bottleneck`, or any ``(..., d) -> (..., d)`` module) as adapter ``adapter_name``."""
         if placement == "parallel_residual" and len(self._arg_names) < 2:
             raise ValueError(
@@ -199,11 +202,6 @@ class BottleneckLayer(AdapterLayer):
         self.placement[adapter_name] = placement
         self.scaling[adapter_name] = scaling
         self.active_adapters = [*self.active_adapters, adapter_name]
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        self.placement.pop(adapter_name, None)
-        self.scaling.pop(adapter_name, None)
 
     def _branch(self, name: str, h: torch.Tensor) -> torch.Tensor:
         f = self.bottleneck[name]
@@ -216,10 +214,8 @@ class BottleneckLayer(AdapterLayer):
             return kwargs[name], True
         return args[index], False
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        active = [] if self.disabled else [a for a in self.active_adapters if a in self.bottleneck]
-        if not active:
-            return self.base_layer(*args, **kwargs)
+    def adapted_forward(self, adapter_names: list[str], *args: Any, **kwargs: Any) -> Any:
+        active = adapter_names
         x, _ = self._get(0, args, kwargs)
         for name in active:
             if self.placement[name] == "parallel_residual":
@@ -331,7 +327,7 @@ class Adapter(PEFTMethod):
             layer = module if isinstance(module, BottleneckLayer) else BottleneckLayer(module)
             weight = next(module.parameters())
             # Half-precision bases get fp32 bottlenecks (as LoRA does): tiny, and far better optimised.
-            dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+            dtype = adapter_dtype(weight)
             bottleneck = self.build_bottleneck(hidden_size(module), weight.device, dtype)
             layer.add_adapter(adapter_name, bottleneck, placement, self.resolved_scaling())
             if layer is not module:

@@ -51,25 +51,21 @@ class BitFitLayer(AdapterLayer):
     """A layer whose bias is replaced by a trained copy per adapter."""
 
     adapter_attrs = ("bitfit_bias",)
+    adapter_settings = ("_bias_before_merge",)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.bitfit_bias = nn.ParameterDict()
         self._bias_before_merge: dict[str, torch.Tensor] = {}
 
-    def add_adapter(self, adapter_name: str) -> None:
+    def add_adapter(self, adapter_name: str) -> None:  # type: ignore[override]
         self.bitfit_bias[adapter_name] = nn.Parameter(self.base_layer.bias.detach().clone())
         self.active_adapters = [*self.active_adapters, adapter_name]
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disabled:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        pending = [a for a in self.active_adapters if a in self.bitfit_bias and a not in self.merged_adapters]
-        if not pending:  # no adapter, or the active one is already the base layer's bias
-            return self.base_layer(x, *args, **kwargs)
-        return forward_with_bias(self.base_layer, x, self.bitfit_bias[pending[-1]])
+    def adapted_forward(
+        self, adapter_names: list[str], x: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        return forward_with_bias(self.base_layer, x, self.bitfit_bias[adapter_names[-1]])
 
     def check_merge(self, adapter_name: str) -> None:
         self.check_finite(self.bitfit_bias[adapter_name], adapter_name, type(self.base_layer).__name__)

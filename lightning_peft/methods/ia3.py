@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lightning_peft.core.adapter_layer import AdapterLayer
+from lightning_peft.core.adapter_layer import AdapterLayer, adapter_dtype
 from lightning_peft.core.contract import PEFTMethod, register_method
 from lightning_peft.core.targeting import find_targets, name_matches, replace_module
 from lightning_peft.core.transformers_compat import Conv1D
@@ -48,6 +48,8 @@ class IA3Layer(AdapterLayer):
     """(IA)^3 around ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2, weight stored as (in, out))."""
 
     adapter_attrs = ("ia3_l",)
+    adapter_settings = ("is_feedforward",)
+    supports_mixed_batch = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -55,15 +57,13 @@ class IA3Layer(AdapterLayer):
         self.is_feedforward: dict[str, bool] = {}
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         self.out_features, self.in_features = self._oriented(base_layer.weight).shape
-        # One adapter name (or None: the base) per batch row, set only inside lightning_peft.mixed_batch.
-        self.row_adapters: list[str | None] | None = None
 
     def _oriented(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.T if self.fan_in_fan_out else weight
 
-    def update_layer(self, adapter_name: str, is_feedforward: bool, init_ia3_weights: bool) -> None:
+    def add_adapter(self, adapter_name: str, is_feedforward: bool, init_ia3_weights: bool) -> None:  # type: ignore[override]
         weight = self.base_layer.weight
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        dtype = adapter_dtype(weight)
         # (1, in) scales the input's features, (out, 1) the output's: the orientation of W (out, in) they scale.
         shape = (1, self.in_features) if is_feedforward else (self.out_features, 1)
         init = torch.ones if init_ia3_weights else torch.randn  # random: not a no-op, for testing merges
@@ -71,20 +71,11 @@ class IA3Layer(AdapterLayer):
         self.is_feedforward[adapter_name] = is_feedforward
         self.active_adapters = [*self.active_adapters, adapter_name]
 
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        self.is_feedforward.pop(adapter_name, None)
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disabled:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.row_adapters is not None:
-            return self._forward_rows(x, *args, **kwargs)
-        pending = [a for a in self.active_adapters if a in self.ia3_l and a not in self.merged_adapters]
+    def adapted_forward(
+        self, adapter_names: list[str], x: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         input_scale = output_scale = None
-        for name in pending:
+        for name in adapter_names:
             l = self.ia3_l[name].flatten()  # noqa: E741  (the paper's name)
             if self.is_feedforward[name]:
                 input_scale = l if input_scale is None else input_scale * l
@@ -97,9 +88,10 @@ class IA3Layer(AdapterLayer):
             result = (result * output_scale).to(result.dtype)  # (..., out) * (out,)
         return result
 
-    def _forward_rows(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Mixed batch: each row is scaled by its own adapter in ``row_adapters``; ``None`` rows stay base."""
-        rows = self.row_adapters
+    def forward_rows(
+        self, rows: list[str | None], x: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """Mixed batch: each row is scaled by its own adapter in ``rows``; ``None`` rows stay base."""
         if x.shape[0] != len(rows):
             raise ValueError(
                 f"mixed_batch was given {len(rows)} adapter names but {type(self.base_layer).__name__} got a batch of "
@@ -234,7 +226,7 @@ class IA3(PEFTMethod):
         for name, module in found:
             layer = module if isinstance(module, IA3Layer) else IA3Layer(module)
             is_feedforward = bool(feedforward) and name_matches(name, feedforward)
-            layer.update_layer(adapter_name, is_feedforward, self.init_ia3_weights)
+            layer.add_adapter(adapter_name, is_feedforward, self.init_ia3_weights)
             if layer is not module:
                 replace_module(model, name, layer)
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_peft.core.injection import adapter_state_keys
 from lightning_peft.methods import PEFTMethod
-from tests.methods import method_checks as checks
+from lightning_peft.testing import checks
 from tests.tiny_models import tiny_bert_classifier, tiny_llama
 
 FAMILIES: dict[str, tuple[checks.Build, dict]] = {

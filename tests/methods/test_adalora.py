@@ -29,7 +29,7 @@ from lightning_peft.core.adapter_layer import to_peft_key
 from lightning_peft.methods import AdaLoRA, LoRA
 from lightning_peft.methods.lora import adalora as adalora_module
 from lightning_peft.methods.lora.adalora import SVDLayer
-from tests.methods import method_checks as checks
+from lightning_peft.testing import checks
 from tests.tiny_models import tiny_bert_classifier, tiny_gpt2, tiny_llama
 
 CASES: dict[str, tuple[Callable[[], nn.Module], dict[str, Any]]] = {
@@ -85,12 +85,15 @@ def test_orthogonal_regulariser_is_the_mean_frobenius_distance_of_the_active_ada
             torch.sqrt(((A @ A.T - torch.eye(4)) ** 2).sum()),
             torch.sqrt(((B.T @ B - torch.eye(4)) ** 2).sum()),
         ]
-    torch.testing.assert_close(method.extra_loss(model), 0.3 * torch.stack(norms).mean())
+    torch.testing.assert_close(method.extra_loss(model, "default"), 0.3 * torch.stack(norms).mean())
     inject(model, LoRA(target_modules=["k_proj"]), adapter_name="other")  # another method active: no term
-    assert method.extra_loss(model) is None
+    assert method.extra_loss(model, "default") is None
     set_adapter(model, "default")
-    assert method.extra_loss(model) is not None
-    assert AdaLoRA(orth_reg_weight=0).extra_loss(inject(tiny_llama(), AdaLoRA(orth_reg_weight=0))) is None
+    assert method.extra_loss(model, "default") is not None
+    assert (
+        AdaLoRA(orth_reg_weight=0).extra_loss(inject(tiny_llama(), AdaLoRA(orth_reg_weight=0)), "default")
+        is None
+    )
 
 
 # --- METHODS.md acceptance checks ---------------------------------------------------------------------------
@@ -364,7 +367,9 @@ def test_outputs_merge_and_regulariser_match_peft(build: Callable, targets: list
         out = ours(input_ids=ids, labels=ids)
         assert torch.equal(out.logits, expected.logits)
         # peft adds the orthogonal regulariser to the loss it returns
-        torch.testing.assert_close(out.loss + method.extra_loss(ours), expected.loss, atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            out.loss + method.extra_loss(ours, "default"), expected.loss, atol=1e-6, rtol=0
+        )
         reference.merge_adapter()
         merge(ours)
         torch.testing.assert_close(checks.logits(ours), checks.logits(reference), atol=1e-6, rtol=0)
@@ -388,11 +393,11 @@ def test_rank_allocation_matches_peft_step_by_step(delta_t: int, tmp_path: Path)
     ids, _ = checks.fit_batch()
     for step in range(1, 11):
         reference(input_ids=ids, labels=ids).loss.backward()  # peft's loss includes the regulariser
-        (ours(input_ids=ids, labels=ids).loss + method.extra_loss(ours)).backward()
+        (ours(input_ids=ids, labels=ids).loss + method.extra_loss(ours, "default")).backward()
         for optimizer in optimizers:
             optimizer.step()
         reference.base_model.update_and_allocate(step)
-        method.on_optimizer_step(ours, step, None)
+        method.on_optimizer_step(ours, "default", step, None)
         for optimizer in optimizers:
             optimizer.zero_grad()
         theirs = {
@@ -438,9 +443,9 @@ def test_schedule_needs_a_total_step_and_the_config_its_scale() -> None:
     method = AdaLoRA()
     model = inject(tiny_llama(), method)
     with pytest.raises(ValueError, match="needs the total number of optimizer steps"):
-        method.on_optimizer_step(model, 1, None)
+        method.on_optimizer_step(model, "default", 1, None)
     with pytest.raises(ValueError, match="leaves no budgeting phase"):
         late = AdaLoRA(tinit=5)
-        late.on_optimizer_step(inject(tiny_llama(), late), 1, 5)
+        late.on_optimizer_step(inject(tiny_llama(), late), "default", 1, 5)
     with pytest.raises(ValueError, match="lacks 'init_r' or 'lora_alpha'"):
         AdaLoRA.from_peft_config({"peft_type": "ADALORA", "target_r": 4})

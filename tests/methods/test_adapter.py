@@ -16,7 +16,7 @@ from torch import nn
 from lightning_peft import inject
 from lightning_peft.methods import Adapter
 from lightning_peft.methods.adapter import Bottleneck, BottleneckLayer
-from tests.methods import method_checks as checks
+from lightning_peft.testing import checks
 from tests.tiny_models import (
     MLPConv,
     tiny_bert_classifier,

@@ -17,7 +17,7 @@ from torch import nn
 from lightning_peft import adapter_state_dict, count_parameters, inject, merge, unmerge
 from lightning_peft.methods import BitFit
 from lightning_peft.methods.bitfit import BitFitLayer
-from tests.methods import method_checks as checks
+from lightning_peft.testing import checks
 from tests.tiny_models import MLPConv, tiny_bert_classifier, tiny_gpt2, tiny_llama, tiny_qwen2
 
 CASES: dict[str, tuple[Callable[[], nn.Module], dict[str, Any]]] = {

@@ -12,7 +12,7 @@ from lightning_peft import adapter_state_dict, inject
 from lightning_peft.core.injection import adapter_state_keys, injection_record
 from lightning_peft.methods import IA3, AdaLoRA, LoRA, MethodUnion, PEFTMethod, PrefixTuning
 from lightning_peft.methods.composite.compose import method_from_config_dict
-from tests.methods import method_checks as checks
+from lightning_peft.testing import checks
 from tests.tiny_models import tiny_bert_classifier, tiny_llama
 
 
@@ -82,16 +82,16 @@ def test_members_adapting_the_same_layer_are_refused_and_nothing_is_left() -> No
 
 
 def test_hooks_are_handed_to_every_member(tmp_path: Path) -> None:
-    calls: list[tuple[str, int]] = []
+    calls: list[tuple[str, int]] = []  # (adapter name, step)
 
     class Recording(IA3):  # an unregistered test method: records the hooks it is given
         peft_type = ""
 
-        def on_optimizer_step(self, model, step, total_steps) -> None:
-            calls.append(("step", step))
+        def on_optimizer_step(self, model, adapter_name, step, total_steps) -> None:
+            calls.append((adapter_name, step))
 
-        def extra_loss(self, model) -> torch.Tensor:
-            return torch.tensor(0.5)
+        def extra_loss(self, model, adapter_name) -> torch.Tensor:
+            return torch.tensor(0.5 if adapter_name == "default" else 100.0)
 
     union = MethodUnion(
         methods=[
@@ -106,9 +106,9 @@ def test_hooks_are_handed_to_every_member(tmp_path: Path) -> None:
         model
     )  # extra state
     assert "classifier.modules_to_save.default.weight" in adapter_state_dict(model)
-    assert union.extra_loss(model).item() == 1.0
-    union.on_optimizer_step(model, 3, 10)
-    assert calls == [("step", 3), ("step", 3)]
+    assert union.extra_loss(model, "default").item() == 1.0
+    union.on_optimizer_step(model, "default", 3, 10)
+    assert calls == [("default", 3), ("default", 3)]
 
 
 @pytest.mark.parametrize(

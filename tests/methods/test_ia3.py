@@ -15,7 +15,7 @@ from lightning_peft import adapter_state_dict, inject, load_adapter, merge, save
 from lightning_peft.core.adapter_layer import to_peft_key
 from lightning_peft.methods import IA3
 from lightning_peft.methods.ia3 import IA3Layer
-from tests.methods import method_checks as checks
+from lightning_peft.testing import checks
 from tests.tiny_models import MLPConv, tiny_bert_classifier, tiny_gpt2, tiny_llama
 
 CASES: dict[str, tuple[Callable[[], nn.Module], dict[str, Any]]] = {

@@ -31,7 +31,7 @@ from lightning_peft.core import transformers_compat as hf
 from lightning_peft.core.adapter_layer import AdapterLayer, to_peft_key
 from lightning_peft.core.injection import adapter_state_keys
 from lightning_peft.methods import LoRA, ModulesToSave
-from lightning_peft.methods.lora.lora import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
+from lightning_peft.methods.lora.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
 from tests.tiny_models import MLPConv, tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch
 
 

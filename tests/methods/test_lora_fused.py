@@ -18,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lightning_peft import inject, merge
 from lightning_peft.methods import LoRA
-from lightning_peft.methods.lora.lora import LoraLinear
+from lightning_peft.methods.lora.layers import LoraLinear
 
 
 def _adapted(base_kind: str, **lora: object) -> tuple[nn.Module, LoraLinear]:
@@ -151,7 +151,7 @@ def test_a_hook_on_an_adapter_module_keeps_the_module_path() -> None:
 
 
 def _with_two_adapters(layer: LoraLinear) -> None:
-    layer.update_layer("second", 2, 2, 0.0, False, False, True)  # update_layer also activates it
+    layer.add_adapter("second", 2, 2, 0.0, False, False, True)  # add_adapter also activates it
     assert layer.active_adapters == ["default", "second"]
 
 

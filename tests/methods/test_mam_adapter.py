@@ -15,7 +15,7 @@ from lightning_peft.core.injection import injection_record
 from lightning_peft.methods import MAMAdapter, PrefixTuning
 from lightning_peft.methods.adapter import BottleneckLayer
 from lightning_peft.methods.prompt.virtual_tokens import virtual_tokens_layer
-from tests.methods import method_checks as checks
+from lightning_peft.testing import checks
 from tests.methods import prompt_helpers
 from tests.methods.composite_checks import FAMILIES, assert_trains_and_checkpoints_every_part
 from tests.tiny_models import tiny_llama

@@ -42,7 +42,7 @@ from lightning_peft.core.quantization import (
 )
 from lightning_peft.methods import LoRA, NotMergeableError, QLoRA
 from lightning_peft.methods.lora.qlora import LoraBnbLinear
-from tests.methods.method_checks import randomise
+from lightning_peft.testing.checks import randomise
 from tests.test_callback import CausalLM, make_trainer, token_loader
 from tests.tiny_models import MLPConv, tiny_llama, token_batch
 

@@ -16,9 +16,9 @@ from lightning_peft.core.injection import injection_record
 from lightning_peft.methods import NotMergeableError, UniPELT
 from lightning_peft.methods.adapter import BottleneckLayer
 from lightning_peft.methods.composite.gating import GatedBottleneck
-from lightning_peft.methods.lora.lora import LoraLayer
+from lightning_peft.methods.lora.layers import LoraLayer
 from lightning_peft.methods.prompt.virtual_tokens import prefix_key_values, virtual_tokens_layer
-from tests.methods import method_checks as checks
+from lightning_peft.testing import checks
 from tests.methods import prompt_helpers
 from tests.methods.composite_checks import FAMILIES, assert_trains_and_checkpoints_every_part, gate_outputs
 from tests.tiny_models import tiny_llama, token_batch

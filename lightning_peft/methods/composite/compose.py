@@ -36,7 +36,6 @@ from lightning_peft.core.contract import (
     method_class,
     register_method,
 )
-from lightning_peft.methods.lora.adalora import AdaLoRA
 
 
 @dataclass(kw_only=True)
@@ -93,12 +92,14 @@ class ComposedMethod(PEFTMethod):
         return list(dict.fromkeys(names))
 
     # --- per-step hooks -------------------------------------------------------------------------------------
-    def on_optimizer_step(self, model: nn.Module, step: int, total_steps: int | None) -> None:
+    def on_optimizer_step(
+        self, model: nn.Module, adapter_name: str, step: int, total_steps: int | None
+    ) -> None:
         for member in self.members():
-            member.on_optimizer_step(model, step, total_steps)
+            member.on_optimizer_step(model, adapter_name, step, total_steps)
 
-    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
-        terms = [t for member in self.members() if (t := member.extra_loss(model)) is not None]
+    def extra_loss(self, model: nn.Module, adapter_name: str) -> torch.Tensor | None:
+        terms = [t for member in self.members() if (t := member.extra_loss(model, adapter_name)) is not None]
         return torch.stack(terms).sum() if terms else None
 
     # --- file format: the members decide what of their state is saved; the layout is the composite's ---------
@@ -146,8 +147,8 @@ class MethodUnion(ComposedMethod):
         modules_to_save: Modules trained in full for the whole union (e.g. a new classification head).
 
     Raises:
-        ValueError: no methods, a method with its own ``modules_to_save``, or AdaLoRA (its rank allocation runs only
-            when it is the adapter's recorded method).
+        ValueError: no methods, a method with its own ``modules_to_save``, or a method that is not ``composable``
+            (AdaLoRA).
     """
 
     peft_type: ClassVar[str] = "METHOD_UNION"
@@ -165,10 +166,10 @@ class MethodUnion(ComposedMethod):
                     f"MethodUnion: {method.name} sets modules_to_save={method.modules_to_save}; set it on the "
                     "MethodUnion instead, which trains each such module once for all its methods."
                 )
-            if isinstance(method, AdaLoRA):
+            if not method.composable:
                 raise ValueError(
-                    "MethodUnion cannot hold AdaLoRA: its rank allocation runs only when it is the adapter's own "
-                    "method. Inject AdaLoRA as an adapter of its own."
+                    f"MethodUnion cannot hold {method.name}: {method.not_composable_because} Inject {method.name} "
+                    "as an adapter of its own."
                 )
         super().validate()
 

@@ -34,7 +34,8 @@ from torch import nn
 from lightning_peft.core import transformers_compat as hf
 from lightning_peft.core.adapter_layer import AdapterLayer, adapter_layers
 from lightning_peft.methods.adapter import Adapter, Bottleneck
-from lightning_peft.methods.lora.lora import LoRA, LoraLayer, LoraLinear
+from lightning_peft.methods.lora.layers import LoraLayer, LoraLinear
+from lightning_peft.methods.lora.lora import LoRA
 from lightning_peft.methods.prompt.hooks import CACHE_TAG, INPUT_MASK_TAG
 from lightning_peft.methods.prompt.prefix_tuning import PrefixTuning
 from lightning_peft.methods.prompt.prompting import embedding_weight, find_host

@@ -33,7 +33,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_peft.core.adapter_layer import AdapterLayer, adapter_layers
+from lightning_peft.core.adapter_layer import AdapterLayer, adapter_dtype, adapter_layers
 from lightning_peft.core.contract import PEFTMethod, register_method
 from lightning_peft.core.injection import clean_key, injection_record
 from lightning_peft.core.targeting import find_targets, replace_module
@@ -62,6 +62,7 @@ class SVDLayer(AdapterLayer):
     """AdaLoRA around ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2; weight stored as (in, out))."""
 
     adapter_attrs = ("lora_A", "lora_B", "lora_E", "lora_dropout")
+    adapter_settings = ("scaling", "ranknum", "kept", "rank_mask", "importance")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -83,14 +84,14 @@ class SVDLayer(AdapterLayer):
     def _oriented(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.T if self.fan_in_fan_out else weight
 
-    def update_layer(
+    def add_adapter(  # type: ignore[override]
         self, adapter_name: str, init_r: int, alpha: float, dropout: float, init: bool, kept: list[bool]
     ) -> None:
         r = sum(kept)
         weight = self.base_layer.weight
         kw = {
             "device": weight.device,
-            "dtype": weight.dtype if weight.dtype == torch.float64 else torch.float32,
+            "dtype": adapter_dtype(weight),
         }
         self.lora_A[adapter_name] = nn.Parameter(torch.randn(r, self.in_features, **kw))
         self.lora_E[adapter_name] = nn.Parameter(torch.randn(r, 1, **kw))
@@ -104,11 +105,6 @@ class SVDLayer(AdapterLayer):
         self.ranknum[adapter_name] = float(init_r)
         self.kept[adapter_name] = list(kept)
         self.active_adapters = [*self.active_adapters, adapter_name]
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        for state in (self.scaling, self.ranknum, self.kept, self.rank_mask, self.importance):
-            state.pop(adapter_name, None)
 
     def rank_pattern(self, adapter_name: str) -> list[bool]:
         """Which of the init_r original triplets are kept (the saved ``rank_pattern`` entry)."""
@@ -138,15 +134,11 @@ class SVDLayer(AdapterLayer):
         with torch.no_grad():
             self.base_layer.weight.sub_(self.delta_weight(adapter_name))
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disabled:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+    def adapted_forward(
+        self, adapter_names: list[str], x: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        for name in self.active_adapters:
-            if name not in self.lora_A or name in self.merged_adapters:
-                continue
+        for name in adapter_names:
             A, B, E = self.lora_A[name], self.lora_B[name], self.lora_E[name]
             dropped = self.lora_dropout[name](x.to(A.dtype))
             update = dropped @ (A * E).T @ B.T  # (..., in) @ (in, r) @ (r, out) -> (..., out)
@@ -191,6 +183,10 @@ class AdaLoRA(PEFTMethod):
     """
 
     peft_type: ClassVar[str] = "ADALORA"
+    composable: ClassVar[bool] = False
+    not_composable_because: ClassVar[str] = (
+        "its rank budget is allocated over its own adapter's layers, and it saves its own peft type (ADALORA)."
+    )
     mergeable: ClassVar[bool] = True
 
     target_modules: list[str] | str | None = None
@@ -271,7 +267,7 @@ class AdaLoRA(PEFTMethod):
                     f"AdaLoRA rank_pattern for {name} has {len(kept)} entries; expected init_r={self.init_r}."
                 )
             layer = module if isinstance(module, SVDLayer) else SVDLayer(module)
-            layer.update_layer(
+            layer.add_adapter(
                 adapter_name, self.init_r, self.alpha, self.dropout, self.init_lora_weights, kept
             )
             if layer is not module:
@@ -282,16 +278,15 @@ class AdaLoRA(PEFTMethod):
             (n, m) for n, m in adapter_layers(model) if isinstance(m, SVDLayer) and adapter_name in m.lora_A
         ]
 
-    def _training_adapter(self, model: nn.Module) -> str | None:
-        """The active adapter, if it is this method's (AdaLoRA trains one adapter at a time)."""
+    def _training_adapter(self, model: nn.Module, adapter_name: str) -> str | None:
+        """``adapter_name`` while it is the model's active (trained) adapter, else None: AdaLoRA's schedule and
+        regulariser follow the adapter being trained, one at a time."""
         record = injection_record(model)
-        if record is None or record.methods.get(record.active) is not self:
-            return None
-        return record.active
+        return adapter_name if record is not None and record.active == adapter_name else None
 
     # --- training: orthogonality and rank allocation --------------------------------------------------------
-    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
-        adapter = self._training_adapter(model)
+    def extra_loss(self, model: nn.Module, adapter_name: str) -> torch.Tensor | None:
+        adapter = self._training_adapter(model, adapter_name)
         if adapter is None or self.orth_reg_weight == 0:
             return None
         terms = []
@@ -303,9 +298,11 @@ class AdaLoRA(PEFTMethod):
                 terms.append(torch.linalg.matrix_norm(cov - eye))
         return self.orth_reg_weight * torch.stack(terms).mean() if terms else None
 
-    def on_optimizer_step(self, model: nn.Module, step: int, total_steps: int | None) -> None:
+    def on_optimizer_step(
+        self, model: nn.Module, adapter_name: str, step: int, total_steps: int | None
+    ) -> None:
         """Update importance and mask to the budget of ``step`` (the number of optimizer steps done)."""
-        adapter = self._training_adapter(model)
+        adapter = self._training_adapter(model, adapter_name)
         if adapter is None:
             return
         total = self.total_step or total_steps

@@ -15,17 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.core.adapter_layer import AdapterLayer, NotMergeableError
+from lightning_peft.core.adapter_layer import AdapterLayer, NotMergeableError, adapter_dtype
 from lightning_peft.core.contract import about_to_change_base
 from lightning_peft.core.transformers_compat import Conv1D
 from lightning_peft.methods.lora.kernels import FusedDoraLinear, FusedLoraLinear
 
 InitOption = bool | Literal["gaussian", "pissa"] | str
-
-
-def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
-    # Half-precision bases get fp32 adapters (as peft's autocast_adapter_dtype): tiny, and far better optimised.
-    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
 
 
 class LoraLayer(AdapterLayer):
@@ -40,6 +35,8 @@ class LoraLayer(AdapterLayer):
         "lora_dropout",
         "lora_gate",
     )
+    adapter_settings = ("r", "scaling", "_dora_norms")
+    supports_mixed_batch = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -54,10 +51,8 @@ class LoraLayer(AdapterLayer):
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
         self._dora_norms: dict[str, torch.Tensor] = {}  # weight norms used at merge time, needed to unmerge
-        # One adapter name (or None: the base) per batch row, set only inside lightning_peft.mixed_batch.
-        self.row_adapters: list[str | None] | None = None
 
-    def update_layer(
+    def add_adapter(  # type: ignore[override]
         self,
         adapter_name: str,
         r: int,
@@ -71,18 +66,12 @@ class LoraLayer(AdapterLayer):
         self.scaling[adapter_name] = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         weight = self.base_layer.weight
-        self.create_weights(adapter_name, r, device=weight.device, dtype=_compute_dtype(weight))
+        self.create_weights(adapter_name, r, device=weight.device, dtype=adapter_dtype(weight))
         self.initialise(adapter_name, init)
         if use_dora:
             with torch.no_grad():
                 self.lora_magnitude_vector[adapter_name] = nn.Parameter(self.weight_norm(adapter_name))
         self.active_adapters = [*self.active_adapters, adapter_name]
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        self.r.pop(adapter_name, None)
-        self.scaling.pop(adapter_name, None)
-        self._dora_norms.pop(adapter_name, None)
 
     # --- implemented per layer kind --------------------------------------------------------------------------
     def create_weights(self, adapter_name: str, r: int, device: torch.device, dtype: torch.dtype) -> None:
@@ -164,19 +153,11 @@ class LoraLayer(AdapterLayer):
     def _oriented(self, weight: torch.Tensor) -> torch.Tensor:
         return weight
 
-    def pending_adapters(self) -> list[str]:
-        """Active adapters whose update is not already folded into the base weight."""
-        return [a for a in self.active_adapters if a not in self.merged_adapters and a in self.r]
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disabled:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+    def adapted_forward(
+        self, adapter_names: list[str], x: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        if self.row_adapters is not None:
-            return self._forward_rows(x, result)
-        for name in self.pending_adapters():
+        for name in adapter_names:
             result = self.add_update(name, x, result)
         return result
 
@@ -187,9 +168,11 @@ class LoraLayer(AdapterLayer):
             update = self.lora_gate[adapter_name](x) * update
         return result + update.to(result.dtype)
 
-    def _forward_rows(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """Mixed batch: each row gets the update of its own adapter in ``row_adapters``; ``None`` rows stay base."""
-        rows = self.row_adapters
+    def forward_rows(
+        self, rows: list[str | None], x: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """Mixed batch: each row gets the update of its own adapter in ``rows``; ``None`` rows stay base."""
+        result = self.base_layer(x, *args, **kwargs)
         if x.shape[0] != len(rows):
             raise ValueError(
                 f"mixed_batch was given {len(rows)} adapter names but {type(self.base_layer).__name__} got a batch of "
@@ -232,10 +215,12 @@ class LoraLinear(LoraLayer):
     def _oriented(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.T if self.fan_in_fan_out else weight
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def adapted_forward(
+        self, adapter_names: list[str], x: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         name = self.fusable_adapter(x, args, kwargs)
         if name is None:
-            return super().forward(x, *args, **kwargs)
+            return super().adapted_forward(adapter_names, x, *args, **kwargs)
         base, A, B = self.base_layer, self.lora_A[name], self.lora_B[name]
         if name in self.lora_magnitude_vector:  # DoRA's base term sees the dropped input only while training
             dropout = self.lora_dropout[name]
@@ -317,7 +302,7 @@ class LoraLinear(LoraLayer):
         # so neither the (out, in) sum nor its graph is kept or even recorded
         with torch.no_grad():
             weight = self._oriented(self.base_weight() + self.delta_weight(adapter_name))
-            return weight.norm(p=2, dim=1).to(_compute_dtype(self.base_layer.weight))
+            return weight.norm(p=2, dim=1).to(adapter_dtype(self.base_layer.weight))
 
     def adapter_output(self, adapter_name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
         if adapter_name not in self.lora_magnitude_vector:

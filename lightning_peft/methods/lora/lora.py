@@ -16,7 +16,6 @@ Numerics and parameter names follow Hugging Face ``peft`` so saved adapters load
 
 from __future__ import annotations
 
-import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -28,21 +27,13 @@ from lightning_peft.core.adapter_layer import ModulesToSave
 from lightning_peft.core.contract import PEFTMethod, register_method
 from lightning_peft.core.targeting import find_targets, pattern_value, replace_module
 from lightning_peft.core.transformers_compat import Conv1D
-from lightning_peft.methods.lora.layers import (  # the layers, also importable from here as before
-    LAYER_RESOLVERS,
+from lightning_peft.methods.lora.layers import (
     LAYER_TYPES,
     InitOption,
-    LoraConv,
-    LoraEmbedding,
     LoraLayer,
     LoraLinear,
     lora_layer_type,
 )
-
-__all__ = [
-    "DEFAULT_TARGETS", "LAYER_RESOLVERS", "LAYER_TYPES", "InitOption", "LoRA", "LoraConv", "LoraEmbedding", "LoraLayer", "LoraLinear",
-    "lora_layer_type",
-]  # fmt: skip
 
 #: Default targets per transformers ``model_type`` when ``target_modules`` is not given (as in peft).
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -67,8 +58,8 @@ class LoRA(PEFTMethod):
 
     Example:
         >>> from lightning_peft.methods import LoRA
-        >>> LoRA(r=8, alpha=16, target_modules=["q_proj", "v_proj"]).scale_for(8)
-        2.0
+        >>> LoRA(r=8, alpha=16, target_modules=["q_proj", "v_proj"]).r
+        8
 
     Args:
         target_modules: Names (suffix match), a full-match regex, or ``"all-linear"``. ``None`` uses the
@@ -135,10 +126,6 @@ class LoRA(PEFTMethod):
         if self.use_dora and isinstance(init, str) and init.startswith("pissa"):
             raise ValueError("LoRA: use_dora=True cannot be combined with PiSSA initialisation; pick one.")
 
-    def scale_for(self, r: int, alpha: float | None = None) -> float:
-        alpha = self.alpha if alpha is None else alpha
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
-
     def resolve_target_modules(self, model: nn.Module) -> list[str] | str:
         if self.target_modules is not None:
             return self.target_modules
@@ -169,7 +156,7 @@ class LoRA(PEFTMethod):
             planned.append((name, module, layer, r, pattern_value(name, self.alpha_pattern, self.alpha)))
         _warn_about_ranks_beyond_width(planned)
         for name, module, layer, r, alpha in planned:
-            layer.update_layer(
+            layer.add_adapter(
                 adapter_name, r, alpha, self.dropout, self.use_rslora, self.use_dora, self.init_lora_weights
             )
             if layer is not module:

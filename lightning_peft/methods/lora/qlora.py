@@ -38,7 +38,8 @@ from lightning_peft.core.quantization import (
     set_gradient_checkpointing,
 )
 from lightning_peft.core.targeting import find_targets
-from lightning_peft.methods.lora.lora import LAYER_RESOLVERS, InitOption, LoRA, LoraLinear
+from lightning_peft.methods.lora.layers import LAYER_RESOLVERS, InitOption, LoraLinear
+from lightning_peft.methods.lora.lora import LoRA
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -35,7 +35,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from lightning_peft.core import transformers_compat as hf
-from lightning_peft.core.adapter_layer import PEFT_PREFIX, AdapterLayer, to_peft_key
+from lightning_peft.core.adapter_layer import PEFT_PREFIX, AdapterLayer, adapter_dtype, to_peft_key
 from lightning_peft.core.contract import PEFTMethod
 from lightning_peft.core.targeting import replace_module
 from lightning_peft.methods.prompt.hooks import CHECKPOINTING_ERROR, checkpointing, install_hooks
@@ -197,7 +197,7 @@ class PromptLearningMethod(PEFTMethod):
         base = layer.base_layer if layer is not None else embedding
         weight = embedding_weight(base, self.name)
         # Half-precision bases get fp32 prompts (as peft's autocast_adapter_dtype): tiny, and far better optimised.
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        dtype = adapter_dtype(weight)
         spec = self.make_spec(host, base)
         encoder = self.build_encoder(host, base, spec, dtype)
         if layer is None:

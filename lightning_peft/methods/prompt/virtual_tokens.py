@@ -57,6 +57,7 @@ class VirtualTokens(AdapterLayer):
     """Wraps the input embedding (unchanged in forward) and holds each adapter's prompt encoder."""
 
     adapter_attrs = ("prompt_encoder", "prefix_gates")
+    adapter_settings = ("specs",)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -65,16 +66,13 @@ class VirtualTokens(AdapterLayer):
         self.prefix_gates = nn.ModuleDict()
         self.specs: dict[str, VirtualTokenSpec] = {}
 
-    def add_adapter(self, adapter_name: str, encoder: nn.Module, spec: VirtualTokenSpec) -> None:
+    def add_adapter(self, adapter_name: str, encoder: nn.Module, spec: VirtualTokenSpec) -> None:  # type: ignore[override]
         self.prompt_encoder[adapter_name] = encoder
         self.specs[adapter_name] = spec
         self.active_adapters = [*self.active_adapters, adapter_name]
 
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        self.specs.pop(adapter_name, None)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def adapted_forward(self, adapter_names: list[str], *args: Any, **kwargs: Any) -> Any:
+        """The embedding itself: the virtual tokens join the inputs in the model's hooks (``prompt.hooks``)."""
         return self.base_layer(*args, **kwargs)
 
     def active_adapter(self) -> str | None:

@@ -1,87 +1,20 @@
-"""Several named adapters on one base: per-row adapters in a batch, and weighted combinations of LoRA adapters.
-
-Both follow Hugging Face ``peft`` (``adapter_names=[...]`` in forward, ``add_weighted_adapter``) so users find the
-same behaviour, but the per-row choice is a context manager here, so any model's ``forward`` (and ``generate``)
-works without a new keyword argument.
-"""
+"""Weighted combinations of LoRA adapters (``add_weighted_adapter``), as Hugging Face ``peft``'s."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import nn
 
 from lightning_peft.core.adapter_layer import adapter_layers
-from lightning_peft.core.injection import _require_record, inject, set_adapter
-from lightning_peft.methods.ia3 import IA3Layer
-from lightning_peft.methods.lora.lora import LoRA, LoraLayer, LoraLinear
-
-#: Layer types whose forward can apply a different adapter to each row of a batch.
-ROW_CAPABLE_LAYERS: tuple[type[nn.Module], ...] = (LoraLayer, IA3Layer)
-
-
-@contextlib.contextmanager
-def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterator[nn.Module]:
-    """Inside the block, row ``i`` of every batch runs with adapter ``adapter_names[i]`` (``None``: the base model).
-
-    Rows are grouped by adapter, so each adapter runs once per layer on its own rows; each row's output equals a
-    single-adapter run of that row. Outside the block the layers run exactly as before (the active adapter only).
-
-    Example::
-
-        with lightning_peft.mixed_batch(model, ["sql", "chat", None]):
-            logits = model(input_ids).logits  # input_ids has 3 rows
-
-    Args:
-        model: A model with LoRA-family and/or IA3 adapters.
-        adapter_names: One adapter name or ``None`` per batch row.
-
-    Raises:
-        ValueError: a name is unknown, an adapter is merged into the base weights, or an adapter (or the active
-            one) lives in a layer that cannot pick an adapter per row (prompt methods, bottleneck adapters,
-            ``modules_to_save``, AdaLoRA).
-    """
-    record = _require_record(model)
-    rows = list(adapter_names)
-    named = {n for n in rows if n is not None}
-    unknown = sorted(named - set(record.methods))
-    if unknown:
-        raise ValueError(f"mixed_batch: unknown adapters {unknown}; this model has {sorted(record.methods)}.")
-    layers = list(adapter_layers(model))
-    merged = [name for name, layer in layers if layer.merged]
-    if merged:
-        raise ValueError(
-            f"mixed_batch: adapters are merged into the base weights (e.g. {merged[0]}), so every row would get them; "
-            "call lightning_peft.unmerge(model) first."
-        )
-    for adapter in sorted(named | {record.active}):
-        method = record.methods[adapter]
-        if method.modifies_inputs:
-            raise ValueError(
-                f"mixed_batch: adapter '{adapter}' ({method.name}) rewrites the model's inputs and cannot vary per row; "
-                "mixed batches support the LoRA family and IA3."
-            )
-    for name, layer in layers:
-        involved = set(layer.adapter_names()) & (named | set(layer.active_adapters))
-        if involved and not layer.disabled and not isinstance(layer, ROW_CAPABLE_LAYERS):
-            raise ValueError(
-                f"mixed_batch: {name} ({type(layer).__name__}) holds adapters {sorted(involved)} but cannot pick an "
-                "adapter per row; mixed batches support the LoRA family and IA3 layers only."
-            )
-    capable = [layer for _, layer in layers if isinstance(layer, ROW_CAPABLE_LAYERS)]
-    for layer in capable:
-        layer.row_adapters = rows
-    try:
-        yield model
-    finally:
-        for layer in capable:
-            layer.row_adapters = None
+from lightning_peft.core.injection import inject, require_record, set_adapter
+from lightning_peft.methods.lora.layers import LoraLayer, LoraLinear
+from lightning_peft.methods.lora.lora import LoRA
 
 
 def add_weighted_adapter(
@@ -114,7 +47,7 @@ def add_weighted_adapter(
         ValueError: unknown or non-LoRA adapters, mismatched lengths, DoRA/gated adapters, adapters on different
             modules or on non-Linear layers, unequal ranks for ``"linear"``, or an unknown ``combination_type``.
     """
-    record = _require_record(model)
+    record = require_record(model)
     adapters, weights = list(adapters), [float(w) for w in weights]
     if combination_type not in ("linear", "cat"):
         raise ValueError(f"combination_type={combination_type!r}: use 'cat' (exact) or 'linear'.")

@@ -1,18 +1,26 @@
-"""The METHODS.md acceptance checks written once, for any method on any tiny model.
+"""The checks every method passes, for your own method too: ``from lightning_peft.testing import check_method``.
 
-Each method's test module calls these with its own configurations, so every method is held to the same
-contract: identity (or documented) output at init, only its parameters train, save/load roundtrip, merge
-equivalence (or a clear refusal), disabling and unloading give the base model back, gradient checkpointing
-gives gradients to the same parameters, and training through ``PEFTCallback`` lowers the loss.
+Written once for any method on any tiny model, so every method is held to the same contract: identity (or
+documented) output at init, only its parameters train, save/load roundtrip, merge equivalence (or a clear
+refusal), disabling and unloading give the base model back, named adapters switch, gradient checkpointing gives
+gradients to the same parameters, and training through ``PEFTCallback`` lowers the loss. :func:`check_method` runs
+them all; each ``assert_*`` is also usable alone. They raise ``AssertionError`` (any test runner reports them).
+
+Example (``examples/custom_method.py`` is a method written outside the package that passes them)::
+
+    from lightning_peft.testing import check_method, tiny_llama
+
+    check_method(tiny_llama, MyMethod(), tmp_dir)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lightning.pytorch as pl
-import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
@@ -35,9 +43,23 @@ from lightning_peft.core import transformers_compat as hf
 from lightning_peft.core.adapter_layer import AdapterLayer, ModulesToSave, to_peft_key
 from lightning_peft.core.injection import adapter_state_keys
 from lightning_peft.methods import NotMergeableError, PEFTMethod
-from tests.tiny_models import VOCAB, tiny_bert_classifier, tiny_llama, token_batch
+from lightning_peft.testing.models import VOCAB, tiny_bert_classifier, tiny_llama, token_batch
 
 Build = Callable[[], nn.Module]
+
+
+@contextlib.contextmanager
+def raises(error: type[BaseException], match: str | None = None) -> Iterator[None]:
+    """Assert that the block raises ``error`` whose message matches the regex ``match`` (as ``pytest.raises``)."""
+    try:
+        yield
+    except error as raised:
+        if match is not None and not re.search(match, str(raised)):
+            raise AssertionError(
+                f"{type(raised).__name__}({str(raised)!r}) does not match {match!r}"
+            ) from raised
+        return
+    raise AssertionError(f"{error.__name__} was not raised")
 
 
 def logits(model: nn.Module) -> torch.Tensor:
@@ -144,7 +166,7 @@ def assert_non_finite_merge_is_refused(build: Build, method: PEFTMethod, poison:
     with torch.no_grad():
         next(p for n, p in last.named_parameters() if poison in n).fill_(float("nan"))
     before = base_state(model)
-    with pytest.raises(ValueError, match="NaN/Inf"):
+    with raises(ValueError, match="NaN/Inf"):
         merge(model)
     for key, value in base_state(model).items():
         assert torch.equal(value, before[key]), key
@@ -154,13 +176,13 @@ def assert_non_finite_merge_is_refused(build: Build, method: PEFTMethod, poison:
 def assert_not_mergeable(build: Build, method: PEFTMethod) -> None:
     model = inject(build(), method)
     before = base_state(model)
-    with pytest.raises(NotMergeableError, match=rf"{method.name} \(adapter 'default'\) cannot be merged"):
+    with raises(NotMergeableError, match=rf"{method.name} \(adapter 'default'\) cannot be merged"):
         merge(model)
-    with pytest.raises(NotMergeableError):
+    with raises(NotMergeableError):
         merge_and_unload(model)
     for key, value in base_state(model).items():
         assert torch.equal(value, before[key]), key
-    with pytest.raises(ValueError, match="cannot be merged"):
+    with raises(ValueError, match="cannot be merged"):
         PEFTCallback(method, merge_on_fit_end=True)
 
 
@@ -303,7 +325,7 @@ def assert_trains_through_callback(
     if identity_at_init:  # the first step ran the untrained adapter: the base model's loss
         base = TinyTask(build)
         with torch.no_grad():
-            assert losses[0] == pytest.approx(base.training_step(list(fit_batch()), 0).item(), abs=1e-6)
+            assert abs(losses[0] - base.training_step(list(fit_batch()), 0).item()) <= 1e-6
     assert losses[-1] < 0.99 * losses[0] and sum(losses[-3:]) < sum(losses[:3]), losses
     owned = set(adapter_state_keys(module.model))
     reference = build().state_dict()
@@ -315,3 +337,43 @@ def assert_trains_through_callback(
 
 
 FAMILIES: dict[str, Build] = {"llama": tiny_llama, "bert": tiny_bert_classifier}
+
+
+def check_method(
+    make_method: Callable[[], PEFTMethod],
+    directory: Path,
+    build: Build = tiny_llama,
+    *,
+    identity_at_init: bool = True,
+) -> None:
+    """Every check above for one method on one model family: what a method must pass to be one.
+
+    For methods whose adapter file holds their state-dict tensors under peft's key names: every method but the soft
+    prompts, whose files hold peft's ``prompt_embeddings`` instead (their own tests run the single checks).
+
+    Args:
+        make_method: Builds the method with the settings to check, e.g. ``lambda: MyMethod(r=4)``.
+        directory: An empty directory the save/load checks write into.
+        build: Builds a fresh base model (default: :func:`tiny_llama`); its ``forward(input_ids=...)`` returns
+            ``.logits``.
+        identity_at_init: Whether the method leaves the output unchanged before training (LoRA-style zero-initialised
+            updates); soft prompts and bottleneck adapters with random init do not.
+
+    Raises:
+        AssertionError: naming the check that failed.
+    """
+    directory = Path(directory)
+    method = make_method()
+    if identity_at_init:
+        assert_init_is_identity(build, make_method())
+    assert_trains_only_its_parameters(build, make_method())
+    assert_roundtrip(build, make_method(), directory / "roundtrip")
+    if method.mergeable:
+        assert_merge_matches(build, make_method())
+    else:
+        assert_not_mergeable(build, make_method())
+    assert_disable_gives_base(build, make_method(), mergeable=method.mergeable)
+    assert_unload_restores_base(build, make_method())
+    assert_named_adapters_switch(build, make_method, directory / "named")
+    assert_checkpointing_gives_same_grads(build, make_method)
+    assert_trains_through_callback(build, make_method(), identity_at_init=identity_at_init)
