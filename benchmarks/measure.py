@@ -51,7 +51,7 @@ class Setup:
 
     def loss(self) -> torch.Tensor:
         loss = self.model(**self.batch).loss
-        extra = self.method.extra_loss(self.model) if self.method is not None else None
+        extra = self.method.extra_loss(self.model, "default") if self.method is not None else None
         return loss if extra is None else loss + extra
 
     def train_step(self) -> None:
