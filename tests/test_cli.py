@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import sys
 import warnings
 from importlib.metadata import entry_points
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 
 from lightning_peft import PEFTCallback, count_parameters
 from lightning_peft.app import commands
-from lightning_peft.app.cli import FullFineTuning, PEFTLightningCLI, cli_main, main
+from lightning_peft.app.cli import FullFineTuning, PEFTLightningCLI, _format, cli_main, main
 from lightning_peft.app.data_files import read_records
 from lightning_peft.app.datamodules import TextClassificationDataModule, embedded_split_path
 from lightning_peft.methods import LoRA
@@ -191,13 +192,13 @@ def test_without_yaml_optimizer_the_modules_own_is_restricted_to_trainable_param
     assert sum(p.numel() for p in recorder.params) == count_parameters(cli.model)["trainable"]
     assert all(p.requires_grad for p in recorder.params)
     assert recorder.model_training  # from_pretrained returns eval mode; dropout must be on in training
-    assert cli.trainer.callback_metrics["train_loss"].isfinite()
+    assert math.isfinite(cli.fit_metrics["train_loss"])
 
 
 def test_validate_from_adapter_checkpoint_reproduces_the_fit_metrics(fitted_with_yaml_optimizer):
     fitted, _ = fitted_with_yaml_optimizer
     checkpoint = fitted.trainer.checkpoint_callback.best_model_path
-    loss_after_fit = fitted.trainer.callback_metrics["val_loss"].item()
+    loss_after_fit = fitted.fit_metrics["val_loss"]
     config = Path(fitted.trainer.default_root_dir) / "config.yaml"
     validated = cli_main(["validate", "--config", str(config), "--ckpt_path", checkpoint])
     assert validated.model is not fitted.model
@@ -294,8 +295,8 @@ def test_data_module_pads_per_batch_and_truncates_to_max_length():
 
 def test_fit_logs_f1_beside_accuracy(fitted_with_yaml_optimizer):
     cli, _ = fitted_with_yaml_optimizer
-    metrics = cli.trainer.callback_metrics
-    assert 0.0 <= metrics["val_f1"].item() <= 1.0 and 0.0 <= metrics["val_acc"].item() <= 1.0
+    metrics = cli.fit_metrics
+    assert 0.0 <= metrics["val_f1"] <= 1.0 and 0.0 <= metrics["val_acc"] <= 1.0
 
 
 def test_predict_writes_one_label_per_input(fitted_with_yaml_optimizer, tmp_path):
@@ -510,7 +511,12 @@ def test_full_finetune_config_trains_every_parameter_and_writes_full_checkpoints
     assert not (Path(cli.trainer.log_dir) / "adapter").exists()
     lines = _rank_zero_lines(caplog)
     assert any("no adapter to export" in line for line in lines)
-    assert any(line.startswith("lightning-peft: final metrics ") and "val_acc=" in line for line in lines)
+    assert not (Path(cli.trainer.log_dir) / "adapter_best").exists()
+    (summary,) = [
+        line for line in lines if line.startswith("lightning-peft: fit finished: 1 epochs, 2 steps")
+    ]
+    assert f"\n  trained     full fine-tuning: {total:,} of {total:,} parameters (100.00%)\n" in summary
+    assert f"\n  last        {_format(cli.fit_metrics)}\n" in summary and "val_acc=" in summary
     # the saved config (peft.method: null) and the full checkpoint give a fresh model the trained weights
     saved = str(Path(cli.trainer.log_dir) / "config.yaml")
     validated = cli_main(["validate", "--config", saved, "--ckpt_path", best])
@@ -520,7 +526,7 @@ def test_full_finetune_config_trains_every_parameter_and_writes_full_checkpoints
     assert all(torch.equal(p, trained[n]) for n, p in validated.model.named_parameters())
     assert not all(torch.equal(p, trained[n]) for n, p in untrained.model.named_parameters())
     assert validated.trainer.callback_metrics["val_loss"].item() == pytest.approx(
-        cli.trainer.callback_metrics["val_loss"].item(), abs=1e-6
+        cli.fit_metrics["val_loss"], abs=1e-6
     )
 
 

@@ -12,6 +12,9 @@ Parsed from the source, not imported: every ``import`` of a ``lightning_peft`` m
 from __future__ import annotations
 
 import ast
+import importlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,3 +112,31 @@ def test_the_core_knows_no_method_and_integrations_no_single_method() -> None:
     for module in (m for m in GRAPH if m.startswith("lightning_peft.integrations")):
         singles = [t for t, _, _ in GRAPH[module] if t.startswith("lightning_peft.methods.")]
         assert not singles, f"{module} imports single methods: {singles}"
+
+
+def test_lazy_imports_are_declared_at_the_top() -> None:
+    """What is imported on first use (the package root's API, the command's subcommands) is named by an import
+    under TYPE_CHECKING at the top of the same file, so the rules above check it like any other import."""
+    import lightning_peft
+    from lightning_peft.app import commands
+
+    assert set(lightning_peft._EXPORTS.values()) == {t for t, _, _ in GRAPH["lightning_peft"]}
+    for name, module in lightning_peft._EXPORTS.items():
+        assert getattr(lightning_peft, name) is getattr(importlib.import_module(module), name), name
+    assert sorted(lightning_peft.__all__) == sorted(lightning_peft._EXPORTS)
+    assert set(lightning_peft.__all__) <= set(dir(lightning_peft))
+    with pytest.raises(AttributeError, match="no attribute 'injct'"):
+        lightning_peft.injct  # noqa: B018
+    subcommands = {*commands.SUBCOMMANDS.values(), commands.LIGHTNING_CLI}
+    assert subcommands == {t for t, _, _ in GRAPH["lightning_peft.app.commands"]}
+
+
+def test_the_command_overview_imports_no_framework() -> None:
+    """``lightning-peft --help`` starts in a blink: neither torch, transformers nor Lightning is imported."""
+    code = (
+        "import sys; from lightning_peft.app import commands; commands.main(['--help']); "
+        "print(sorted(m for m in ('torch', 'transformers', 'lightning') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("usage: lightning-peft {fit,validate,test,predict,export,generate}")
+    assert out.splitlines()[-1] == "[]"

@@ -50,7 +50,7 @@ import torch
 import yaml
 from jsonargparse import Namespace, get_loader, lazy_instance, set_loader, set_parsing_settings
 from jsonargparse.typing import class_from_function
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import (
     ArgsType,
@@ -60,11 +60,13 @@ from lightning.pytorch.cli import (
     instantiate_class,
 )
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from torch.optim import Optimizer
 
 import lightning_peft.methods as methods
-from lightning_peft.app.datamodules import TextClassificationDataModule
+from lightning_peft.app.curves import plot_curves
+from lightning_peft.app.datamodules import FileDataModule, TextClassificationDataModule
 from lightning_peft.app.prediction_writer import PredictionWriter
 from lightning_peft.app.tasks import SequenceClassificationModule
 from lightning_peft.core.contract import PEFTMethod
@@ -223,6 +225,60 @@ def _init_args(class_path: str) -> list[str]:
     ]
 
 
+def _scalars(metrics: Any) -> dict[str, float]:
+    """The scalar metrics, without the per-batch ``*_step`` copies (their ``*_epoch`` twins summarise them)."""
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if (not hasattr(v, "numel") or v.numel() == 1) and not k.endswith("_step")
+    }
+
+
+def _format(metrics: dict[str, float]) -> str:
+    return "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def _checkpoint_run(ckpt_path: str | None, trainer: Trainer) -> Path | None:
+    """The run folder of ``ckpt_path`` when it is a sibling version of the folder the logger would log to
+    (``.../lightning_logs/version_0/checkpoints/best.ckpt`` while predict would start ``version_1``)."""
+    if not ckpt_path or trainer.logger is None or trainer.log_dir is None:
+        return None
+    checkpoint = Path(ckpt_path)
+    run = checkpoint.parent.parent
+    if checkpoint.parent.name != "checkpoints" or not checkpoint.is_file():
+        return None
+    log_dir = Path(trainer.log_dir)
+    return run if log_dir != run and log_dir.parent.resolve() == run.parent.resolve() else None
+
+
+def _free_name(path: Path) -> Path:
+    """``path``, or ``<stem>-1<suffix>``, ``-2``, ... : the first that does not exist yet."""
+    candidate, n = path, 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
+
+
+def _has_test_split(datamodule: LightningDataModule | None, model: LightningModule) -> bool:
+    """The module has a ``test_step`` and the data a test split (a file for :class:`FileDataModule`, which
+    refuses a split without one; else an overridden ``test_dataloader``)."""
+    if not is_overridden("test_step", model):
+        return False
+    if isinstance(datamodule, FileDataModule):
+        return datamodule.files["test"] is not None
+    if datamodule is not None:
+        return is_overridden("test_dataloader", datamodule)
+    return is_overridden("test_dataloader", model)
+
+
 class FullFineTuning(Callback):
     """What the CLI adds instead of a :class:`PEFTCallback` when ``peft.method`` is null: it changes nothing.
 
@@ -325,6 +381,12 @@ class PEFTLightningCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(peft_section_class, PEFT_KEY)  # method null: full fine-tuning
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=True,
+            help="fit: after training, test the best checkpoint when the data has a test split (other commands: unused).",
+        )
         parser.set_defaults(
             {
                 "model": lazy_instance(SequenceClassificationModule),
@@ -416,52 +478,136 @@ class PEFTLightningCLI(LightningCLI):
             raise SystemExit(2)
 
     def before_predict(self) -> None:
-        """Unless the config has a prediction writer, add one: rows go to ``<log_dir>/predictions.jsonl``."""
-        if not any(isinstance(c, BasePredictionWriter) for c in self.trainer.callbacks):
-            self.trainer.callbacks.append(PredictionWriter())
+        """Unless the config has a prediction writer, add one: rows go to ``predictions.jsonl`` beside the
+        checkpoint's run (``<run>/checkpoints/x.ckpt`` -> ``<run>/predictions.jsonl``) when the logger would
+        otherwise start a new version folder next to it, else to ``<log_dir>/predictions.jsonl``. An earlier
+        file there is kept: the new one is ``predictions-1.jsonl``, ``-2``, ..."""
+        _quiet_checkpoint_state_notice()
+        if any(isinstance(c, BasePredictionWriter) for c in self.trainer.callbacks):
+            return
+        config = self.config.get(str(self.subcommand), self.config)
+        run = _checkpoint_run(config.get("ckpt_path"), self.trainer)
+        self.trainer.callbacks.append(
+            PredictionWriter(None if run is None else str(_free_name(run / "predictions.jsonl")))
+        )
+
+    def before_validate(self) -> None:
+        _quiet_checkpoint_state_notice()
+
+    def before_test(self) -> None:
+        _quiet_checkpoint_state_notice()
 
     def predict(self, **kwargs: Any) -> None:
         """Run ``trainer.predict`` and keep what it returns in ``self.predictions`` (the writer saved it too)."""
         self.predictions = self.trainer.predict(**kwargs)
 
     def after_fit(self) -> None:
+        """Export the adapters (last step and best checkpoint), test on the test split if there is one, then
+        print a one-screen summary and draw ``curves.png`` from ``metrics.csv``."""
         callback = next((c for c in self.trainer.callbacks if isinstance(c, PEFTCallback)), None)
-        full = any(isinstance(c, FullFineTuning) for c in self.trainer.callbacks)
-        if (callback is None and not full) or self.trainer.interrupted:
+        full = next((c for c in self.trainer.callbacks if isinstance(c, FullFineTuning)), None)
+        if (callback is None and full is None) or self.trainer.interrupted:
             return
         log_dir = self.trainer.log_dir  # collective under DDP: every rank calls it
+        # Kept here: the test run below replaces trainer.callback_metrics (as trainer.test after fit always does).
+        self.fit_metrics = fit_metrics = _scalars(self.trainer.callback_metrics)
         strategy = self.trainer.strategy
         unsharded = isinstance(strategy, SingleDeviceStrategy) or (
             isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
         )
+        written: list[tuple[str, str]] = []
         if callback is not None and not unsharded:
             # Sharded weights (FSDP, ModelParallel, DeepSpeed) must be gathered first; the checkpoint has them.
             rank_zero_info(
                 f"lightning-peft: {type(strategy).__name__} shards the adapter, so it is not exported "
                 "after fit; load the checkpoint into an unsharded model and call lightning_peft.save_adapter."
             )
-            return
-        self._report_fit(callback, log_dir)
+        elif callback is not None and log_dir is not None:
+            written = (
+                self._export_adapters(callback, Path(log_dir)) or []
+            )  # before testing loads the best weights
+        test_metrics, tested_on = self._test_after_fit()  # every rank: test is collective
+        self.test_metrics = test_metrics
+        self._summarise(callback or full, log_dir, fit_metrics, test_metrics, tested_on, written)
 
     @rank_zero_only
-    def _report_fit(self, callback: PEFTCallback | None, log_dir: str | None) -> None:
-        if callback is None:
-            rank_zero_info(
-                "lightning-peft: full fine-tuning (peft.method: null): no adapter to export; "
-                "the checkpoints hold the whole model"
+    def _export_adapters(self, callback: PEFTCallback, log_dir: Path) -> list[tuple[str, str]]:
+        """Write ``adapter/`` (the last step's) and ``adapter_best/`` (the best checkpoint's); what was written."""
+        written = [
+            (
+                f"{save_adapter(callback.target_module(self.model), log_dir / 'adapter').name}/",
+                "the last step's adapter (peft layout)",
             )
-        elif log_dir is not None:
-            directory = save_adapter(callback.target_module(self.model), Path(log_dir) / "adapter")
-            rank_zero_info(f"lightning-peft: adapter of the last step saved to {directory}")
+        ]
         best = getattr(self.trainer.checkpoint_callback, "best_model_path", "")
         if best:
-            rank_zero_info(f"lightning-peft: best checkpoint {best}")
-            if callback is not None and log_dir is not None:
-                directory = self._export_checkpoint_adapter(callback, best, Path(log_dir) / "adapter_best")
-                rank_zero_info(f"lightning-peft: adapter of the best checkpoint saved to {directory}")
-        scalars = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
-        metrics = ", ".join(f"{k}={v:.4f}" for k, v in sorted(scalars.items()))
-        rank_zero_info(f"lightning-peft: final metrics {metrics}")
+            directory = self._export_checkpoint_adapter(callback, best, log_dir / "adapter_best")
+            written.append((f"{directory.name}/", "the best checkpoint's adapter"))
+        return written
+
+    def _test_after_fit(self) -> tuple[dict[str, float], str]:
+        """``trainer.test`` on the best checkpoint (else the last weights) when the data has a test split and the
+        module a ``test_step``; its metrics and which weights they are of (``{}, ""`` when nothing ran)."""
+        config = self.config.get(str(self.subcommand), self.config)
+        if not config.get("test_after_fit", True) or not _has_test_split(self.datamodule, self.model):
+            return {}, ""
+        best = getattr(self.trainer.checkpoint_callback, "best_model_path", "")
+        results = self.trainer.test(
+            self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False
+        )
+        return (_scalars(results[0]) if results else {}), ("the best checkpoint" if best else "the last step")
+
+    @rank_zero_only
+    def _summarise(
+        self,
+        counter: Any,
+        log_dir: str | None,
+        fit_metrics: dict[str, float],
+        test_metrics: dict[str, float],
+        tested_on: str,
+        written: list[tuple[str, str]],
+    ) -> None:
+        """One screen: what trained, the best and last metrics, the test metrics, and where everything is."""
+        trainer = self.trainer
+        counts = getattr(counter, "parameter_counts", {})
+        what = "full fine-tuning" if isinstance(counter, FullFineTuning) else counter.method.name
+        lines = [f"lightning-peft: fit finished: {trainer.current_epoch} epochs, {trainer.global_step} steps"]
+        if counts:
+            lines.append(
+                f"  trained     {what}: {int(counts['trainable']):,} of {int(counts['total']):,} parameters "
+                f"({counts['trainable_percent']:.2f}%)"
+            )
+        checkpoint = trainer.checkpoint_callback
+        best = getattr(checkpoint, "best_model_path", "")
+        score = getattr(checkpoint, "best_model_score", None)
+        if best and score is not None and getattr(checkpoint, "monitor", None):
+            lines.append(f"  best        {checkpoint.monitor}={float(score):.4f}  ({Path(best).name})")
+        if fit_metrics:
+            lines.append(f"  last        {_format(fit_metrics)}")
+        if test_metrics:
+            lines.append(f"  test        {_format(test_metrics)}  (weights of {tested_on})")
+        where = Path(log_dir) if log_dir is not None else Path(trainer.default_root_dir)
+        lines.append(f"  written to  {where}/")
+        if best:
+            checkpoints = sorted({Path(best).name, *(p.name for p in Path(best).parent.glob("last*.ckpt"))})
+            lines.append(f"    {_relative(Path(best).parent, where)}/  {', '.join(checkpoints)}")
+        lines += [f"    {name:<13} {meaning}" for name, meaning in written]
+        if isinstance(counter, FullFineTuning):
+            lines.append("    (full fine-tuning: no adapter to export; the checkpoints hold the whole model)")
+        metrics_csv = where / "metrics.csv"
+        if metrics_csv.is_file():
+            lines.append(f"    metrics.csv   {self._curves_line(metrics_csv)}")
+        rank_zero_info("\n".join(lines))
+
+    @staticmethod
+    def _curves_line(metrics_csv: Path) -> str:
+        try:
+            png, names = plot_curves(metrics_csv)
+        except ModuleNotFoundError:
+            return "(pip install 'lightning-peft[plot]' to get curves.png drawn from it)"
+        except ValueError as error:  # nothing logged: say why there is no picture
+            return f"(no curves.png: {error})"
+        return f"and {png.name} ({', '.join(names)})"
 
     def _export_checkpoint_adapter(self, callback: PEFTCallback, checkpoint: str, directory: Path) -> Path:
         """``save_adapter`` of the weights in ``checkpoint``; the model keeps its own (last-step) weights."""
@@ -482,6 +628,12 @@ _NOTICES = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # inside Lightning's own pytree helper
 )
 _TIPS = ("💡 Tip:",)  # Lightning's advertisement for its cloud logger
+
+
+def _quiet_checkpoint_state_notice() -> None:
+    """validate/test/predict from a checkpoint of another run: ModelCheckpoint warns that it will not restore its
+    best-k bookkeeping, which only a resumed ``fit`` uses (so the notice stays on for fit)."""
+    warnings.filterwarnings("ignore", message=r"The dirpath has changed from .* won't be reloaded")
 
 
 def _drop_tips(record: logging.LogRecord) -> bool:

@@ -3,10 +3,17 @@ through :mod:`lightning_peft.app.cli`, plus ``export`` and ``generate``, and an 
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from lightning_peft.app import cli, export, generate
+if TYPE_CHECKING:  # imported when a subcommand runs: the overview needs neither torch nor Lightning (~5 s)
+    from lightning_peft.app import cli, export, generate  # noqa: F401
+
+# The subcommand -> the module whose main() runs it (the names under TYPE_CHECKING above).
+SUBCOMMANDS = {"export": "lightning_peft.app.export", "generate": "lightning_peft.app.generate"}
+LIGHTNING_CLI = "lightning_peft.app.cli"  # fit, validate, test, predict
 
 OVERVIEW = """\
 usage: lightning-peft {fit,validate,test,predict,export,generate} [--config FILE] [--key value ...]
@@ -34,15 +41,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args or args[0] in ("-h", "--help"):
         print(OVERVIEW, end="")
         return
-    if args[0] == "export":
-        export.main(args[1:])
+    if args[0] in SUBCOMMANDS:
+        importlib.import_module(SUBCOMMANDS[args[0]]).main(args[1:])
         return
-    if args[0] == "generate":
-        generate.main(args[1:])
-        return
-    cli.main(
-        None if argv is None else args
-    )  # None: LightningCLI reads sys.argv itself (no "args and argv" warning)
+    # None: LightningCLI reads sys.argv itself (no "args and argv" warning)
+    importlib.import_module(LIGHTNING_CLI).main(None if argv is None else args)
 
 
 if __name__ == "__main__":
