@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import statistics
 import subprocess
 import sys
@@ -34,8 +33,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lightning_peft import count_parameters, inject
 from lightning_peft.core.quantization import dequantize_weight, quantize, weight_storage_bytes
 from lightning_peft.methods import LoRA, QLoRA
-
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # the optional-`kernels` notice on import
 
 
 def build(args: argparse.Namespace) -> LlamaForCausalLM:

@@ -276,3 +276,18 @@ def test_head_to_head_refuses_a_method_it_has_no_peft_pair_for(capsys) -> None:
         "no peft pair for ['bitfit']; the pairs are ['dora', 'ia3', 'lora', 'lora_qv', 'prompt_tuning']"
         in (capsys.readouterr().err)
     )
+
+
+def test_benchmarks_drop_only_bitsandbytes_optional_kernel_notice():
+    import logging
+
+    import benchmarks  # noqa: F401  (installs the filter)
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+
+    def record(message: str) -> logging.LogRecord:
+        return logger.makeRecord(logger.name, logging.WARNING, __file__, 1, message, (), None)
+
+    notice = "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'."
+    assert not logger.filter(record(notice))
+    assert logger.filter(record("Some other bitsandbytes warning"))
