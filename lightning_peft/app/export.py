@@ -155,14 +155,24 @@ def _tokenizer(module: LightningModule) -> Any:
     return tokenizer if callable(getattr(tokenizer, "save_pretrained", None)) else None
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "lightning-peft export") -> dict[str, Path]:
+def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The parser of a subcommand that rebuilds a run from its config: ``--config``, and every other
+    ``--key value`` left over for the config (as on the lightning-peft command line)."""
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Export an adapter-only checkpoint to a peft adapter directory (and a merged transformers model).",
+        description=description,
         epilog="Other --key value options override the config, as on the lightning-peft command line.",
     )
     parser.add_argument(
         "--config", required=True, help="The lightning-peft YAML the checkpoint was trained with."
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "lightning-peft export") -> dict[str, Path]:
+    parser = config_parser(
+        prog,
+        "Export an adapter-only checkpoint to a peft adapter directory (and a merged transformers model).",
     )
     parser.add_argument("--ckpt_path", required=True, help="A checkpoint written by that run.")
     parser.add_argument("--out", required=True, help="Output folder: <out>/adapter and <out>/merged.")

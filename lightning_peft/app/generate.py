@@ -11,14 +11,13 @@ template when it has one, else BOS + the prompt) and answered greedily, as ``pre
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Sequence
 
 import torch
 
 from lightning_peft.app.datamodules import encode_prompt
-from lightning_peft.app.export import build_cli, load_adapter_checkpoint
+from lightning_peft.app.export import build_cli, config_parser, load_adapter_checkpoint
 from lightning_peft.app.tasks import CausalLMModule
 from lightning_peft.integrations.callback import PEFTCallback
 
@@ -73,14 +72,7 @@ def generate(
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "lightning-peft generate") -> list[str]:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Answer prompts with a trained adapter (greedy decoding, as predict).",
-        epilog="Other --key value options override the config, as on the lightning-peft command line.",
-    )
-    parser.add_argument(
-        "--config", required=True, help="The lightning-peft YAML the checkpoint was trained with."
-    )
+    parser = config_parser(prog, "Answer prompts with a trained adapter (greedy decoding, as predict).")
     parser.add_argument(
         "--ckpt_path", default=None, help="A checkpoint of that run (omit: the untrained adapter)."
     )
