@@ -46,7 +46,6 @@ from pathlib import Path
 from types import MethodType
 from typing import Any, NoReturn
 
-import torch
 import yaml
 from jsonargparse import Namespace, get_loader, lazy_instance, set_loader, set_parsing_settings
 from jsonargparse.typing import class_from_function
@@ -65,12 +64,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from torch.optim import Optimizer
 
 import lightning_peft.methods as methods
+from lightning_peft.app.checkpoints import load_adapter_checkpoint
 from lightning_peft.app.curves import plot_curves
 from lightning_peft.app.datamodules import FileDataModule, TextClassificationDataModule
 from lightning_peft.app.prediction_writer import PredictionWriter
 from lightning_peft.app.tasks import SequenceClassificationModule
 from lightning_peft.core.contract import PEFTMethod
-from lightning_peft.core.injection import clean_key, state_dict_key
+from lightning_peft.core.injection import state_dict_key
 from lightning_peft.formats.peft_directory import save_adapter
 from lightning_peft.integrations.callback import PEFTCallback, report_parameter_counts
 
@@ -611,11 +611,10 @@ class PEFTLightningCLI(LightningCLI):
 
     def _export_checkpoint_adapter(self, callback: PEFTCallback, checkpoint: str, directory: Path) -> Path:
         """``save_adapter`` of the weights in ``checkpoint``; the model keeps its own (last-step) weights."""
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-        live = {state_dict_key(self.model, clean_key(k)): v for k, v in saved.items()}
-        current = {k: v.detach().clone() for k, v in self.model.state_dict().items() if k in live}
+        keys = {state_dict_key(self.model, k) for k in callback.checkpoint_keys(self.model)}
+        current = {k: v.detach().clone() for k, v in self.model.state_dict().items() if k in keys}
         try:
-            self.model.load_state_dict(live, strict=False)
+            load_adapter_checkpoint(self.model, callback, checkpoint)
             return save_adapter(callback.target_module(self.model), directory)
         finally:
             self.model.load_state_dict(current, strict=False)

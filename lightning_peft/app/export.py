@@ -25,9 +25,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch import LightningModule
 
+from lightning_peft.app.checkpoints import load_adapter_checkpoint
 from lightning_peft.app.cli import PEFTLightningCLI
 from lightning_peft.core.injection import inject, injection_record, merge_and_unload
 from lightning_peft.formats.peft_directory import save_adapter
@@ -78,39 +78,6 @@ def build_cli(config: str | os.PathLike, overrides: Sequence[str] = ()) -> Any:
     if record is None or callback.adapter_name not in record.methods:
         inject(target, callback.method, callback.adapter_name)
     return cli
-
-
-def load_adapter_checkpoint(
-    module: LightningModule, callback: PEFTCallback, ckpt_path: str | os.PathLike
-) -> None:
-    """Load the adapter tensors of a Lightning checkpoint (``weights_only=True``) into ``module``.
-
-    Raises:
-        KeyError: the checkpoint lacks some adapter tensors (another method, target or target_modules).
-        ValueError: the checkpoint holds tensors the module does not have, or of another shape.
-    """
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    state: dict[str, torch.Tensor] = checkpoint.get("state_dict", {})
-    keys = callback.adapter_keys(module)
-    missing = [k for k in keys if k not in state]
-    if missing:
-        raise KeyError(
-            f"{ckpt_path} lacks {len(missing)} adapter tensors of {callback.method.name}, e.g. {missing[:5]}; it was "
-            "written with another peft configuration. Export with the config it was trained with."
-        )
-    own = module.state_dict()
-    unexpected = sorted(k for k in state if k not in own)
-    mismatched = sorted(
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in state
-        if k in own and state[k].shape != own[k].shape
-    )
-    if unexpected or mismatched:
-        raise ValueError(
-            f"{ckpt_path} does not fit the model built from the config: unexpected {unexpected[:5]}, "
-            f"wrong shape (checkpoint vs model) {mismatched[:5]}."
-        )
-    module.load_state_dict(state, strict=False)
 
 
 def export(
