@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import (
     AutoConfig,
@@ -381,6 +383,12 @@ class CausalLMModule(TransformersModule):
         gradient_checkpointing: Recompute activations in backward (less memory, ~30 % slower).
         max_length: Longest training sequence (prompt + response) in tokens; the data module truncates to it.
         max_new_tokens: Longest generated response in ``predict``.
+        loss_chunk_size: Compute the shifted cross-entropy over the vocabulary this many tokens at a time, from
+            the final hidden states and the (possibly adapted) output head, recomputing each chunk's logits in
+            backward: the full ``(tokens, vocab)`` fp32 logits never exist, and prompt/padding tokens (label
+            -100) get no logits at all. ``None`` (default): the model's own loss. Off by default because it
+            costs one more head matmul per chunk in backward and pays off only when tokens x vocab dominates
+            memory (large vocabularies, long sequences).
         lr: Learning rate of the default AdamW (ignored when the CLI config has a top-level ``optimizer:``).
         weight_decay: Weight decay of the default AdamW.
     """
@@ -399,7 +407,12 @@ class CausalLMModule(TransformersModule):
         max_new_tokens: int = 64,
         lr: float = 2e-4,
         weight_decay: float = 0.0,
+        loss_chunk_size: int | None = None,
     ) -> None:
+        if loss_chunk_size is not None and loss_chunk_size < 1:
+            raise ValueError(
+                f"loss_chunk_size={loss_chunk_size} must be a positive number of tokens, or null."
+            )
         if model_name_or_path is None and model_config is None:
             raise ValueError(
                 "CausalLMModule needs model_name_or_path (a local Hugging Face folder or hub name) or model_config "
@@ -411,14 +424,33 @@ class CausalLMModule(TransformersModule):
         )  # fmt: skip
         self.save_hyperparameters()
         self.max_new_tokens = max_new_tokens
+        self.loss_chunk_size = loss_chunk_size
+        self._head_checked = False
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
         return self.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch.get("labels")
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            labels=batch.get("labels"),
         )
 
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean shifted cross-entropy over the tokens whose label is not -100 (the responses)."""
+        if self.loss_chunk_size is None:
+            return self(batch).loss
+        if not self._head_checked:
+            check_separable_head(self.model, batch)
+            self._head_checked = True
+        # logits_to_keep=1: the model's own head runs on one position per row only; the loss takes the hidden states.
+        output = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), output_hidden_states=True,
+            logits_to_keep=1,
+        )  # fmt: skip
+        head = self.model.get_output_embeddings()
+        return chunked_causal_lm_loss(output.hidden_states[-1], batch["labels"], head, self.loss_chunk_size)
+
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        loss = self(batch).loss  # mean over the tokens whose label is not -100: the responses
+        loss = self.loss(batch)  # mean over the tokens whose label is not -100: the responses
         batch_size = batch["input_ids"].shape[0]
         self.log(
             f"{stage}_loss",
@@ -454,3 +486,81 @@ class CausalLMModule(TransformersModule):
         )  # (B, T + new)
         responses = tokenizer.batch_decode(generated[:, input_ids.shape[1] :], skip_special_tokens=True)
         return [{"prompt": p, "response": r} for p, r in zip(batch["prompt"], responses, strict=True)]
+
+
+def chunked_causal_lm_loss(
+    hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk_size: int
+) -> torch.Tensor:
+    """The causal LM loss (token ``t`` predicts label ``t + 1``, mean over labels that are not -100), without the
+    full logits: ``head`` runs on ``chunk_size`` kept tokens at a time under activation checkpointing, so only one
+    chunk's ``(chunk_size, vocab)`` logits live at once, in forward and in backward (recomputed there).
+
+    Args:
+        hidden: ``(B, T, H)`` final hidden states (after the last norm), what the head reads.
+        labels: ``(B, T)`` token ids, -100 where no loss is taken.
+        head: The output projection (``get_output_embeddings()``), adapted or not: it is called, not read.
+        chunk_size: Tokens per chunk.
+
+    Returns:
+        The scalar fp32 loss; NaN when no label is kept, like the unchunked loss.
+    """
+    width = hidden.shape[-1]
+    targets = labels[:, 1:].reshape(-1)  # (B*(T-1),)
+    states = hidden[:, :-1].reshape(-1, width)  # (B*(T-1), H)
+    kept = targets != _IGNORE_INDEX
+    states, targets = states[kept], targets[kept]  # (N, H), (N,): ignored tokens get no logits
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.shape[0], chunk_size):
+        end = start + chunk_size
+        total = total + checkpoint(
+            _summed_cross_entropy, head, states[start:end], targets[start:end], use_reentrant=False
+        )
+    return total / kept.sum()
+
+
+def _summed_cross_entropy(head: nn.Module, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(states).float()  # (n, H) -> (n, vocab), upcast as transformers' loss does
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def check_separable_head(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
+    """Refuse chunked loss unless ``logits == get_output_embeddings()(hidden_states[-1])`` on a short slice of
+    ``batch`` (eval mode, no grad): models that scale or soft-cap logits after the head would be silently wrong.
+
+    Raises:
+        ValueError: no output head, or the model's logits are not the head applied to its last hidden states.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Module):
+        raise ValueError(
+            f"loss_chunk_size needs an output head to call on hidden states, but {type(model).__name__}."
+            "get_output_embeddings() gives none. Set loss_chunk_size: null."
+        )
+    ids = batch["input_ids"][:1, :8]  # (1, <=8)
+    mask = batch.get("attention_mask")
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = model(
+                input_ids=ids,
+                attention_mask=None if mask is None else mask[:1, :8],
+                output_hidden_states=True,
+            )
+            ours = head(output.hidden_states[-1]).float()
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    theirs = output.logits.float()
+    if ours.shape != theirs.shape or not torch.allclose(
+        ours, theirs, rtol=1e-3, atol=1e-3 * theirs.abs().max().item()
+    ):
+        raise ValueError(
+            f"loss_chunk_size: {type(model).__name__}'s logits are not its output head ({type(head).__name__}) applied "
+            "to its last hidden states (it scales or soft-caps them after the head), so a chunked loss would be "
+            "wrong. Set loss_chunk_size: null."
+        )
+
+
+#: Label of positions the loss ignores (the data module's IGNORE_INDEX, torch's default ignore_index).
+_IGNORE_INDEX = -100
