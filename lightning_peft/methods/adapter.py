@@ -64,13 +64,20 @@ _BERT = BlockLayout(
     r".*layer\.\d+\.output",
     parallel_placement="parallel_residual",
 )
+# Sparse MoE blocks: the experts' weights are fused tensors, so the bottleneck wraps the whole routed block.
+_MOE = BlockLayout(["self_attn.o_proj"], ["mlp"], ["self_attn"], ["mlp"])
 LAYOUTS: dict[str, BlockLayout] = {
     "llama": _DECODER,
     "mistral": _DECODER,
     "qwen2": _DECODER,
+    "qwen3": _DECODER,
+    "gemma": _DECODER,
+    "mixtral": _MOE,
+    "qwen2_moe": _MOE,
     "gpt2": BlockLayout(["attn.c_proj"], ["mlp.c_proj"], ["attn"], ["mlp"]),
     "bert": _BERT,
     "roberta": _BERT,
+    "deberta-v2": _BERT,
 }
 
 
@@ -114,6 +121,30 @@ def insertion_points(
             modules = layout.attention_output if sublayer == "attention" else layout.feed_forward_output
     found = find_targets(model, modules, supported=(nn.Module,), skip=skip, method=f"{method} {sublayer}")
     return [(name, module, placement) for name, module in found]
+
+
+def input_size(module: nn.Module) -> int | None:
+    """Input width of a block's submodule: that of its first linear layer (``None`` if it holds none)."""
+    while isinstance(module, AdapterLayer):
+        module = module.base_layer
+    linears = [m for m in module.modules() if isinstance(m, (nn.Linear, Conv1D))]
+    if not linears:
+        return None
+    first = linears[0]
+    return first.in_features if isinstance(first, nn.Linear) else first.weight.shape[0]
+
+
+def check_parallel_width(name: str, module: nn.Module, method: str) -> None:
+    """A parallel bottleneck reads the module's input and adds to its output: both must be the hidden state."""
+    width_in, width_out = input_size(module), hidden_size(module)
+    if width_in is not None and width_in != width_out:
+        raise ValueError(
+            f"{method}: a parallel bottleneck beside {name} ({type(module).__name__}) would read its {width_in}-wide "
+            f"input and add to its {width_out}-wide output; the widths must be equal (the hidden size). Pass the "
+            "module that computes the whole sublayer from the hidden state (e.g. ['mlp']); models whose "
+            "feed-forward is inline in the block (fc1/fc2 as in OPT, BART, Whisper) have none: use style='houlsby' "
+            "or 'pfeiffer' there."
+        )
 
 
 def hidden_size(module: nn.Module) -> int:
@@ -323,6 +354,9 @@ class Adapter(PEFTMethod):
         for sublayer in self.resolved_sublayers():
             given = self.attention_modules if sublayer == "attention" else self.feed_forward_modules
             sites += insertion_points(model, sublayer, parallel, given, skip=self.modules_to_save or ())
+        for name, module, placement in sites:
+            if placement == "parallel":  # parallel_residual reads the residual argument, the hidden state
+                check_parallel_width(name, module, "Adapter")
         for name, module, placement in sites:
             layer = module if isinstance(module, BottleneckLayer) else BottleneckLayer(module)
             weight = next(module.parameters())
