@@ -64,16 +64,12 @@ _BERT = BlockLayout(
     r".*layer\.\d+\.output",
     parallel_placement="parallel_residual",
 )
-# Sparse MoE blocks: the experts' weights are fused tensors, so the bottleneck wraps the whole routed block.
-_MOE = BlockLayout(["self_attn.o_proj"], ["mlp"], ["self_attn"], ["mlp"])
 LAYOUTS: dict[str, BlockLayout] = {
     "llama": _DECODER,
     "mistral": _DECODER,
     "qwen2": _DECODER,
     "qwen3": _DECODER,
     "gemma": _DECODER,
-    "mixtral": _MOE,
-    "qwen2_moe": _MOE,
     "gpt2": BlockLayout(["attn.c_proj"], ["mlp.c_proj"], ["attn"], ["mlp"]),
     "bert": _BERT,
     "roberta": _BERT,

@@ -16,7 +16,7 @@ from torch import nn
 from lightning_peft import inject
 from lightning_peft.methods import Adapter
 from lightning_peft.methods.adapter import Bottleneck, BottleneckLayer
-from lightning_peft.testing import checks
+from lightning_peft.testing import VOCAB, checks
 from tests.tiny_models import (
     MLPConv,
     tiny_bert_classifier,
@@ -289,3 +289,39 @@ def test_bottleneck_is_reusable_on_its_own() -> None:
     layer = BottleneckLayer(inner)
     layer.add_adapter("gated", f, "sequential", scaling=1.0)
     torch.testing.assert_close(layer(h), inner(h) + f(inner(h)))
+
+
+def _tiny(config_class: type, model_class: type, **extra: Any) -> nn.Module:
+    torch.manual_seed(0)
+    config = config_class(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, **extra,
+    )  # fmt: skip
+    return model_class(config).eval()
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma"])
+def test_default_layouts_of_llama_layout_decoders(family: str) -> None:
+    """Qwen3 and Gemma have Llama's block: the bottleneck follows o_proj and down_proj."""
+    import transformers
+
+    if family == "qwen3":
+        model = _tiny(transformers.Qwen3Config, transformers.Qwen3ForCausalLM, head_dim=8)
+    else:
+        model = _tiny(transformers.GemmaConfig, transformers.GemmaForCausalLM, head_dim=8)
+    base_out = checks.logits(model)
+    inject(model, Adapter(style="houlsby"))
+    sites = ("self_attn.o_proj", "mlp.down_proj")
+    assert set(_wrapped(model)) == {f"model.layers.{i}.{site}" for i in range(2) for site in sites}
+    assert torch.equal(checks.logits(model), base_out)  # up = 0: exactly the base model
+
+
+def test_a_parallel_bottleneck_over_a_widening_module_is_refused_at_injection() -> None:
+    from tests.tiny_models import tiny_opt
+
+    model = tiny_opt()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"parallel bottleneck beside .*fc1 .*the widths must be equal"):
+        inject(model, Adapter(style="parallel", feed_forward_modules=["fc1"]))
+    assert not _wrapped(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
