@@ -20,7 +20,18 @@ from lightning_peft.core.contract import about_to_change_base
 from lightning_peft.core.transformers_compat import Conv1D
 from lightning_peft.methods.lora.kernels import FusedDoraLinear, FusedLoraLinear
 
-InitOption = bool | Literal["gaussian", "pissa"] | str
+InitOption = bool | Literal["gaussian", "pissa", "olora"] | str
+
+
+def rewrites_base_weight(init: InitOption) -> bool:
+    """Whether an init moves part of the base weight into ``A, B`` and keeps the residual as the base: PiSSA
+    (``"pissa"``, ``"pissa_niter_<n>"``) and OLoRA (``"olora"``). Such inits need a writable float base weight."""
+    return isinstance(init, str) and (init.startswith("pissa") or init == "olora")
+
+
+def init_display_name(init: InitOption) -> str:
+    """The paper's name of a base-rewriting init, for error messages."""
+    return "OLoRA" if init == "olora" else "PiSSA"
 
 
 class LoraLayer(AdapterLayer):
@@ -268,7 +279,9 @@ class LoraLinear(LoraLayer):
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
 
     def initialise(self, adapter_name: str, init: InitOption) -> None:
-        if isinstance(init, str) and init.startswith("pissa"):
+        if init == "olora":
+            self._olora_init(adapter_name)
+        elif isinstance(init, str) and init.startswith("pissa"):
             self._pissa_init(adapter_name, init)
         else:
             super().initialise(adapter_name, init)
@@ -289,6 +302,21 @@ class LoraLinear(LoraLayer):
             self.lora_A[adapter_name].weight.copy_(A)
             self.lora_B[adapter_name].weight.copy_(B)
             # The base keeps the residual, so the adapted output equals the original at init.
+            about_to_change_base(weight)
+            weight.copy_(self._oriented(W - scaling * (B @ A)).to(weight.dtype))
+
+    def _olora_init(self, adapter_name: str) -> None:
+        """OLoRA (Büyükakyüz 2024, https://arxiv.org/abs/2406.01775): ``W = Q R`` (reduced QR), ``B = Q[:, :r]``
+        (orthonormal columns), ``A = R[:r]``; the base keeps ``W - s B A``. Unlike PiSSA the factors are not
+        divided by ``s``: B's orthonormal columns are the point (well-conditioned updates, faster convergence)."""
+        r, scaling = self.r[adapter_name], self.scaling[adapter_name]
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            W = self._oriented(weight).float()  # (out, in)
+            Q, R = torch.linalg.qr(W)  # (out, k) @ (k, in), k = min(out, in) >= r (checked at injection)
+            B, A = Q[:, :r], R[:r]  # (out, r), (r, in)
+            self.lora_A[adapter_name].weight.copy_(A)
+            self.lora_B[adapter_name].weight.copy_(B)
             about_to_change_base(weight)
             weight.copy_(self._oriented(W - scaling * (B @ A)).to(weight.dtype))
 

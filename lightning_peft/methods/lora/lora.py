@@ -9,7 +9,8 @@ learning dynamics stable as ``r`` grows. DoRA (Liu et al. 2024,
 https://arxiv.org/abs/2402.09353) splits ``W + sBA`` into a trained magnitude and
 a direction. PiSSA (Meng et al. 2024, https://arxiv.org/abs/2404.02948)
 initialises ``A, B`` from the top singular vectors of ``W`` and keeps the
-residual as the base.
+residual as the base; OLoRA (Büyükakyüz 2024, https://arxiv.org/abs/2406.01775)
+does the same from a QR decomposition of ``W`` (``B`` orthonormal).
 
 Numerics and parameter names follow Hugging Face ``peft`` so saved adapters load there.
 """
@@ -32,7 +33,9 @@ from lightning_peft.methods.lora.layers import (
     InitOption,
     LoraLayer,
     LoraLinear,
+    init_display_name,
     lora_layer_type,
+    rewrites_base_weight,
 )
 
 #: Default targets per transformers ``model_type`` when ``target_modules`` is not given (as in peft).
@@ -72,7 +75,8 @@ class LoRA(PEFTMethod):
         use_rslora: Rank-stabilised scaling.
         use_dora: Weight-decomposed LoRA (trained magnitude per output row).
         init_lora_weights: ``True`` (kaiming A, zero B), ``"gaussian"``, ``"pissa"``, ``"pissa_niter_<n>"``,
-            or ``False`` (random B: not a no-op; for tests).
+            ``"olora"`` (QR of the base weight; like PiSSA it rewrites the base to the residual), or ``False``
+            (random B: not a no-op; for tests).
         rank_pattern: ``{regex: r}`` per-module rank overrides (matched against the module name's tail).
         alpha_pattern: ``{regex: alpha}`` per-module alpha overrides.
         modules_to_save: Modules trained in full (e.g. a new classification head).
@@ -117,14 +121,17 @@ class LoRA(PEFTMethod):
         init = self.init_lora_weights
         if not (
             isinstance(init, bool)
-            or init in ("gaussian", "pissa")
+            or init in ("gaussian", "pissa", "olora")
             or re.fullmatch(r"pissa_niter_\d+", str(init))
         ):
             raise ValueError(
-                f"LoRA init_lora_weights={init!r}: use True, False, 'gaussian', 'pissa' or 'pissa_niter_<n>'."
+                f"LoRA init_lora_weights={init!r}: use True, False, 'gaussian', 'pissa', 'pissa_niter_<n>' or "
+                "'olora'."
             )
-        if self.use_dora and isinstance(init, str) and init.startswith("pissa"):
-            raise ValueError("LoRA: use_dora=True cannot be combined with PiSSA initialisation; pick one.")
+        if self.use_dora and rewrites_base_weight(init):
+            raise ValueError(
+                f"LoRA: use_dora=True cannot be combined with {init_display_name(init)} initialisation; pick one."
+            )
 
     def resolve_target_modules(self, model: nn.Module) -> list[str] | str:
         if self.target_modules is not None:
@@ -167,14 +174,23 @@ class LoRA(PEFTMethod):
         if self.use_dora and not isinstance(layer, LoraLinear):
             raise ValueError(f"LoRA use_dora=True: DoRA supports Linear/Conv1D layers; {name} is {kind}.")
         init = self.init_lora_weights
-        if isinstance(init, str) and init.startswith("pissa"):
+        if rewrites_base_weight(init):
+            what = init_display_name(init)
             if not isinstance(layer, LoraLinear):
                 raise ValueError(
-                    f"LoRA init_lora_weights={init!r}: PiSSA supports Linear/Conv1D layers; {name} is {kind}."
+                    f"LoRA init_lora_weights={init!r}: {what} supports {'Linear' if init == 'olora' else 'Linear/Conv1D'} "
+                    f"layers; {name} is {kind}."
+                )
+            if init == "olora" and layer.fan_in_fan_out:
+                # peft runs OLoRA on the stored (in, out) Conv1D weight, so a file of ours would not load there.
+                raise ValueError(
+                    f"LoRA init_lora_weights='olora': {name} is a GPT-2 style Conv1D; peft re-runs OLoRA on load "
+                    "from its transposed weight and fails, so the adapter would not be portable. Use "
+                    "init_lora_weights='pissa' (or True) for this model."
                 )
             if r > min(layer.in_features, layer.out_features):
                 raise ValueError(
-                    f"LoRA init_lora_weights={init!r}: PiSSA needs r <= min(out, in) = "
+                    f"LoRA init_lora_weights={init!r}: {what} needs r <= min(out, in) = "
                     f"{min(layer.in_features, layer.out_features)} for {name}, got r={r}; lower r (or set "
                     "rank_pattern for this module)."
                 )

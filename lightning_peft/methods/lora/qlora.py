@@ -38,7 +38,13 @@ from lightning_peft.core.quantization import (
     set_gradient_checkpointing,
 )
 from lightning_peft.core.targeting import find_targets
-from lightning_peft.methods.lora.layers import LAYER_RESOLVERS, InitOption, LoraLinear
+from lightning_peft.methods.lora.layers import (
+    LAYER_RESOLVERS,
+    InitOption,
+    LoraLinear,
+    init_display_name,
+    rewrites_base_weight,
+)
 from lightning_peft.methods.lora.lora import LoRA
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -70,9 +76,9 @@ class LoraBnbLinear(LoraLinear):
         self.lora_B[adapter_name] = TorchLinear(r, self.out_features, bias=False, device=device, dtype=dtype)
 
     def initialise(self, adapter_name: str, init: InitOption) -> None:
-        if isinstance(init, str) and init.startswith("pissa") and self.quantized:
+        if rewrites_base_weight(init) and self.quantized:
             raise ValueError(
-                f"LoRA init_lora_weights={init!r}: PiSSA rewrites the base weight, which is quantized here "
+                f"LoRA init_lora_weights={init!r}: {init_display_name(init)} rewrites the base weight, which is quantized here "
                 f"({type(self.base_layer).__name__}); use init_lora_weights=True or 'gaussian'."
             )
         super().initialise(adapter_name, init)
@@ -161,8 +167,10 @@ class QLoRA(LoRA):
                 f"QLoRA compute_dtype={self.compute_dtype!r} must be one of {list(COMPUTE_DTYPES)}."
             )
         init = self.init_lora_weights
-        if isinstance(init, str) and init.startswith("pissa"):
-            raise ValueError(f"QLoRA init_lora_weights={init!r}: PiSSA cannot rewrite a 4-bit base weight.")
+        if rewrites_base_weight(init):
+            raise ValueError(
+                f"QLoRA init_lora_weights={init!r}: {init_display_name(init)} cannot rewrite a 4-bit base weight."
+            )
 
     def inject_layers(self, model: nn.Module, adapter_name: str) -> None:
         # LoRA's targets are checked before quantizing (quantize checks its own selection before replacing
