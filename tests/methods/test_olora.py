@@ -33,7 +33,9 @@ def test_olora_keeps_the_output_and_holds_the_qr_factors(use_rslora: bool) -> No
     base_out = _logits(model)
     originals = {n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith(tuple(TARGETS))}
     r = 4
-    inject(model, LoRA(r=r, alpha=8, target_modules=TARGETS, use_rslora=use_rslora, init_lora_weights="olora"))
+    inject(
+        model, LoRA(r=r, alpha=8, target_modules=TARGETS, use_rslora=use_rslora, init_lora_weights="olora")
+    )
     torch.testing.assert_close(_logits(model), base_out, atol=1e-5, rtol=0)
     for name, W in originals.items():
         layer = model.get_submodule(name)
@@ -100,12 +102,16 @@ def test_olora_is_refused_where_it_cannot_apply() -> None:
         inject(MLPConv(), LoRA(r=8, target_modules=["fc2"], init_lora_weights="olora"))
     gpt2 = tiny_gpt2()
     before = {k: v.clone() for k, v in gpt2.state_dict().items()}
-    with pytest.raises(ValueError, match="Conv1D; peft re-runs OLoRA on load .* Use init_lora_weights='pissa'"):
+    with pytest.raises(
+        ValueError, match=r"Conv1D; peft re-runs OLoRA on load .* Use init_lora_weights='pissa'"
+    ):
         inject(gpt2, LoRA(r=4, target_modules=["c_attn"], init_lora_weights="olora"))
     assert all(torch.equal(v, before[k]) for k, v in gpt2.state_dict().items())  # refused before any rewrite
     with pytest.raises(ValueError, match="use_dora=True cannot be combined with OLoRA"):
         LoRA(target_modules=["q_proj"], use_dora=True, init_lora_weights="olora")
-    with pytest.raises(ValueError, match="QLoRA init_lora_weights='olora': OLoRA cannot rewrite a 4-bit base"):
+    with pytest.raises(
+        ValueError, match="QLoRA init_lora_weights='olora': OLoRA cannot rewrite a 4-bit base"
+    ):
         QLoRA(target_modules=["q_proj"], init_lora_weights="olora")
     with pytest.raises(ValueError, match="'pissa_niter_<n>' or 'olora'"):
         LoRA(target_modules=["q_proj"], init_lora_weights="qr")
