@@ -262,5 +262,5 @@ def test_weighted_combination_refusals() -> None:
     with pytest.raises(ValueError, match="one weight per adapter"):
         add_weighted_adapter(model, ["a", "b"], [1], "x")
     with pytest.raises(ValueError, match="combination_type"):
-        add_weighted_adapter(model, ["a", "b"], [1, 1], "x", combination_type="svd")
+        add_weighted_adapter(model, ["a", "b"], [1, 1], "x", combination_type="mean")
     assert "x" not in injection_record(model).methods
