@@ -64,12 +64,17 @@ _BERT = BlockLayout(
     r".*layer\.\d+\.output",
     parallel_placement="parallel_residual",
 )
+# Sparse MoE blocks: the experts' weights are stacked 3-D tensors, so the bottleneck wraps the whole routed block
+# (sized by the model's hidden size where the block holds no linear layer).
+_MOE = BlockLayout(["self_attn.o_proj"], ["mlp"], ["self_attn"], ["mlp"])
 LAYOUTS: dict[str, BlockLayout] = {
     "llama": _DECODER,
     "mistral": _DECODER,
     "qwen2": _DECODER,
     "qwen3": _DECODER,
     "gemma": _DECODER,
+    "mixtral": _MOE,
+    "qwen2_moe": _MOE,
     "gpt2": BlockLayout(["attn.c_proj"], ["mlp.c_proj"], ["attn"], ["mlp"]),
     "bert": _BERT,
     "roberta": _BERT,
@@ -130,9 +135,9 @@ def input_size(module: nn.Module) -> int | None:
     return first.in_features if isinstance(first, nn.Linear) else first.weight.shape[0]
 
 
-def check_parallel_width(name: str, module: nn.Module, method: str) -> None:
+def check_parallel_width(name: str, module: nn.Module, method: str, model_width: int | None = None) -> None:
     """A parallel bottleneck reads the module's input and adds to its output: both must be the hidden state."""
-    width_in, width_out = input_size(module), hidden_size(module)
+    width_in, width_out = input_size(module), hidden_size(module, model_width)
     if width_in is not None and width_in != width_out:
         raise ValueError(
             f"{method}: a parallel bottleneck beside {name} ({type(module).__name__}) would read its {width_in}-wide "
@@ -143,8 +148,14 @@ def check_parallel_width(name: str, module: nn.Module, method: str) -> None:
         )
 
 
-def hidden_size(module: nn.Module) -> int:
-    """Output width of a block's submodule: its own, or that of its last linear layer (e.g. ``o_proj``)."""
+def hidden_size(module: nn.Module, default: int | None = None) -> int:
+    """Output width of a block's submodule: its own, or that of its last linear layer (e.g. ``o_proj``).
+
+    A block that maps the hidden state to itself may end in a narrower side branch (Qwen2-MoE's
+    ``shared_expert_gate``, hidden -> 1, registered after the shared expert): where some linear layer writes the
+    width the first one reads, the last such layer gives the output width. A block with no linear layer (Mixtral's
+    routed experts, stacked in 3-D parameters) has width ``default``, the model's hidden size, where one is known.
+    """
     while isinstance(module, AdapterLayer):
         module = module.base_layer
     if isinstance(module, nn.Linear):
@@ -152,12 +163,25 @@ def hidden_size(module: nn.Module) -> int:
     if isinstance(module, Conv1D):
         return module.nf
     linears = [m for m in module.modules() if isinstance(m, (nn.Linear, Conv1D))]
+    if not linears and default is not None:
+        return default
     if not linears:
         raise ValueError(
             f"Adapter: cannot tell the hidden size of {type(module).__name__}: it holds no linear layer. Point the "
             "insertion at the sublayer's output projection instead."
         )
-    return hidden_size(linears[-1])
+    width_in = input_size(module)
+    back_to_input = [m for m in linears if hidden_size(m) == width_in]
+    return hidden_size((back_to_input or linears)[-1])
+
+
+def _model_hidden_size(model: nn.Module) -> int | None:
+    """The residual stream's width from a transformers config (its text part for multimodal ones), if any."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    width = getattr(config, "hidden_size", None)
+    return width if isinstance(width, int) else None
 
 
 class Bottleneck(nn.Module):
@@ -350,15 +374,16 @@ class Adapter(PEFTMethod):
         for sublayer in self.resolved_sublayers():
             given = self.attention_modules if sublayer == "attention" else self.feed_forward_modules
             sites += insertion_points(model, sublayer, parallel, given, skip=self.modules_to_save or ())
+        model_width = _model_hidden_size(model)
         for name, module, placement in sites:
             if placement == "parallel":  # parallel_residual reads the residual argument, the hidden state
-                check_parallel_width(name, module, "Adapter")
+                check_parallel_width(name, module, "Adapter", model_width)
         for name, module, placement in sites:
             layer = module if isinstance(module, BottleneckLayer) else BottleneckLayer(module)
             weight = next(module.parameters())
             # Half-precision bases get fp32 bottlenecks (as LoRA does): tiny, and far better optimised.
             dtype = adapter_dtype(weight)
-            bottleneck = self.build_bottleneck(hidden_size(module), weight.device, dtype)
+            bottleneck = self.build_bottleneck(hidden_size(module, model_width), weight.device, dtype)
             layer.add_adapter(adapter_name, bottleneck, placement, self.resolved_scaling())
             if layer is not module:
                 replace_module(model, name, layer)

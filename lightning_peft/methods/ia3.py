@@ -32,6 +32,21 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "bert": ["key", "value", "output.dense"],
     "roberta": ["key", "value", "output.dense"],
     "t5": ["k", "v", "wo"],
+    "qwen3": ["k_proj", "v_proj", "down_proj"],
+    "gemma": ["k_proj", "v_proj", "down_proj"],
+    "opt": ["k_proj", "v_proj", "fc2"],
+    "phi": ["k_proj", "v_proj", "fc2"],
+    "falcon": ["query_key_value", "dense_4h_to_h"],
+    "bloom": ["query_key_value", "dense_4h_to_h"],
+    "distilbert": ["k_lin", "v_lin", "ffn.lin2"],
+    "deberta-v2": ["key_proj", "value_proj", "output.dense"],
+    "bart": ["k_proj", "v_proj", "fc2"],
+    "whisper": ["k_proj", "v_proj", "fc2"],
+    # transformers 5.4 names ViT's layers key/value/output.dense, later releases k_proj/v_proj/mlp.fc2.
+    "vit": ["key", "value", "output.dense", "k_proj", "v_proj", "mlp.fc2"],
+    # Routed experts are stacked 3-D tensors, not layers: keys and values only (no feed-forward vector).
+    "mixtral": ["k_proj", "v_proj"],
+    "qwen2_moe": ["k_proj", "v_proj"],
 }
 DEFAULT_FEEDFORWARD: dict[str, list[str]] = {
     "llama": ["down_proj"],
@@ -41,6 +56,19 @@ DEFAULT_FEEDFORWARD: dict[str, list[str]] = {
     "bert": ["output.dense"],
     "roberta": ["output.dense"],
     "t5": ["wo"],
+    "qwen3": ["down_proj"],
+    "gemma": ["down_proj"],
+    "opt": ["fc2"],
+    "phi": ["fc2"],
+    "falcon": ["dense_4h_to_h"],
+    "bloom": ["dense_4h_to_h"],
+    "distilbert": ["ffn.lin2"],
+    "deberta-v2": ["output.dense"],
+    "bart": ["fc2"],
+    "whisper": ["fc2"],
+    "vit": ["output.dense", "mlp.fc2"],
+    "mixtral": [],
+    "qwen2_moe": [],
 }
 
 

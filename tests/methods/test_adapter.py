@@ -325,3 +325,28 @@ def test_a_parallel_bottleneck_over_a_widening_module_is_refused_at_injection() 
         inject(model, Adapter(style="parallel", feed_forward_modules=["fc1"]))
     assert not _wrapped(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_moe_blocks_get_bottlenecks_of_the_hidden_size(family: str) -> None:
+    """The routed block is wrapped whole: Mixtral's holds no linear layer (experts are 3-D tensors), Qwen2-MoE's
+    ends in the 1-wide ``shared_expert_gate``; both bottlenecks must be hidden-wide and change the output."""
+    import transformers
+
+    if family == "mixtral":
+        model = _tiny(transformers.MixtralConfig, transformers.MixtralForCausalLM, num_local_experts=4)
+    else:
+        model = _tiny(
+            transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM, moe_intermediate_size=16,
+            shared_expert_intermediate_size=24, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
+        )  # fmt: skip
+    base_out = checks.logits(model)
+    inject(model, Adapter(style="houlsby", reduction_factor=4))
+    wrapped = _wrapped(model)
+    assert set(wrapped) == {f"model.layers.{i}.{site}" for i in range(2) for site in ("self_attn.o_proj", "mlp")}
+    for name in wrapped:
+        bottleneck = model.get_submodule(name).bottleneck["default"]
+        assert (bottleneck.down.in_features, bottleneck.down.out_features, bottleneck.up.out_features) == (32, 8, 32)
+    assert torch.equal(checks.logits(model), base_out)
+    checks.randomise(model, seed=1, scale=0.1)
+    assert not torch.allclose(checks.logits(model), base_out, atol=1e-3)

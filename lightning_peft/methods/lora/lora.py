@@ -51,6 +51,16 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "roberta": ["query", "value"],
     "distilbert": ["q_lin", "v_lin"],
     "t5": ["q", "v"],
+    "opt": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "falcon": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "bart": ["q_proj", "v_proj"],
+    "whisper": ["q_proj", "v_proj"],
+    "vit": ["query", "value", "q_proj", "v_proj"],  # transformers 5.4 names them query/value, later q_proj/v_proj
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2_moe": ["q_proj", "v_proj"],
 }
 
 
