@@ -412,7 +412,12 @@ class PEFTLightningCLI(LightningCLI):
                     "Check that `peft.method` targets modules of the model (e.g. target_modules=[query, value]), "
                     "or, with `peft.method: null`, that the model does not freeze its own parameters."
                 )
-            optimizer = instantiate_class(params, optimizer_init)
+            # Optimizers that must tell LoRA's A from B (LoRA+, LoRA-FA) read it from the model's layers: they get the
+            # module itself (they take its trainable tensors); every other optimizer gets the trainable tensors.
+            module_name, _, class_name = optimizer_init["class_path"].rpartition(".")
+            optimizer_class = getattr(importlib.import_module(module_name), class_name)
+            takes_module = getattr(optimizer_class, "takes_module", False) is True
+            optimizer = instantiate_class(module if takes_module else params, optimizer_init)
             lr_scheduler = instantiate_class(optimizer, lr_scheduler_init) if lr_scheduler_init else None
             return shape_result(module, optimizer, lr_scheduler)
 
