@@ -500,7 +500,10 @@ NO_TOKEN_TABLE = Refusal(
     "the input is image patches: no token table to prepend virtual tokens from",
 )
 NO_TOKENS = Refusal("needs a model that exposes its token embedding", "no token embedding (a CNN)")
-CONV = Refusal("selects modules of an unsupported type", "convolutions are not supported by this method yet")
+LINEAR_ONLY = Refusal(
+    "selects modules of an unsupported type",
+    "AdaLoRA's SVD-form update is defined for linear layers (as in peft)",
+)
 NO_LAYOUT = Refusal(
     "no default", "no default insertion points for a CNN: name `attention_modules`/`feed_forward_modules`"
 )
@@ -527,9 +530,7 @@ _REFUSED: dict[str, dict[str, Refusal]] = {
     "ResNet": {
         "DoRA": Refusal("DoRA supports Linear/Conv1D layers", "DoRA on convolutions is not implemented yet"),
         "QLoRA": NO_QUANTIZABLE,
-        "AdaLoRA": CONV,
-        "IA3": CONV,
-        "BitFit": CONV,
+        "AdaLoRA": LINEAR_ONLY,
         **dict.fromkeys(SOFT_PROMPTS, NO_TOKENS),
         "Adapter": NO_LAYOUT,
         "Adapter (parallel)": NO_LAYOUT,

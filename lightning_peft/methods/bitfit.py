@@ -24,8 +24,9 @@ from lightning_peft.core.targeting import find_targets, replace_module
 from lightning_peft.core.transformers_compat import Conv1D
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 #: Layer types whose forward BitFit can run with a replacement bias.
-SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D, nn.LayerNorm, *_CONV)
+SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D, *_NORMS, *_CONV)
 
 
 def forward_with_bias(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -44,6 +45,11 @@ def forward_with_bias(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> 
         return F.layer_norm(x, layer.normalized_shape, layer.weight, bias, layer.eps)
     if isinstance(layer, _CONV):
         return layer._conv_forward(x, layer.weight, bias)
+    if isinstance(layer, nn.GroupNorm):
+        return F.group_norm(x, layer.num_groups, layer.weight, bias, layer.eps)
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+        # Batch statistics and the running buffers behave as in the layer's own forward (train or eval mode).
+        return torch.func.functional_call(layer, {"bias": bias}, (x,))
     raise TypeError(f"BitFit cannot run {type(layer).__name__} with a replacement bias.")
 
 
@@ -102,7 +108,7 @@ class BitFit(PEFTMethod):
     Args:
         target_modules: Modules whose bias is trained (names with suffix match, a full-match regex, or
             ``"all-linear"``); modules without a bias are passed over. ``None``: every bias of the model
-            (linear, convolution and LayerNorm layers), as in the paper.
+            (linear, convolution, LayerNorm, GroupNorm and BatchNorm layers), as in the paper.
         exclude_modules: Modules to leave alone, same syntax.
         modules_to_save: Modules trained in full (e.g. a new classification head).
 

@@ -72,8 +72,15 @@ DEFAULT_FEEDFORWARD: dict[str, list[str]] = {
 }
 
 
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 class IA3Layer(AdapterLayer):
-    """(IA)^3 around ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2, weight stored as (in, out))."""
+    """(IA)^3 around ``nn.Linear``, transformers' ``Conv1D`` (GPT-2, weight stored as (in, out)) or a convolution.
+
+    On a convolution the vector scales channels: ``(1, C, 1, ...)`` as peft stores it for ``Conv2d``/``Conv3d``
+    (output channels, or input channels for a feed-forward target).
+    """
 
     adapter_attrs = ("ia3_l",)
     adapter_settings = ("is_feedforward",)
@@ -84,7 +91,11 @@ class IA3Layer(AdapterLayer):
         self.ia3_l = nn.ParameterDict()
         self.is_feedforward: dict[str, bool] = {}
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        self.out_features, self.in_features = self._oriented(base_layer.weight).shape
+        self.conv_dims = base_layer.weight.dim() - 2 if isinstance(base_layer, _CONV) else 0
+        if self.conv_dims:
+            self.out_features, self.in_features = base_layer.out_channels, base_layer.in_channels
+        else:
+            self.out_features, self.in_features = self._oriented(base_layer.weight).shape
 
     def _oriented(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.T if self.fan_in_fan_out else weight
@@ -94,6 +105,8 @@ class IA3Layer(AdapterLayer):
         dtype = adapter_dtype(weight)
         # (1, in) scales the input's features, (out, 1) the output's: the orientation of W (out, in) they scale.
         shape = (1, self.in_features) if is_feedforward else (self.out_features, 1)
+        if self.conv_dims:  # channels are dim 1 of a convolution's input and output
+            shape = (1, shape[0] * shape[1]) + (1,) * self.conv_dims
         init = torch.ones if init_ia3_weights else torch.randn  # random: not a no-op, for testing merges
         self.ia3_l[adapter_name] = nn.Parameter(init(shape, device=weight.device, dtype=dtype))
         self.is_feedforward[adapter_name] = is_feedforward
@@ -110,11 +123,15 @@ class IA3Layer(AdapterLayer):
             else:
                 output_scale = l if output_scale is None else output_scale * l
         if input_scale is not None:
-            x = (x.to(input_scale.dtype) * input_scale).to(x.dtype)  # (..., in) * (in,)
+            x = (x.to(input_scale.dtype) * self._channels(input_scale)).to(x.dtype)  # (..., in) * (in,)
         result = self.base_layer(x, *args, **kwargs)
         if output_scale is not None:
-            result = (result * output_scale).to(result.dtype)  # (..., out) * (out,)
+            result = (result * self._channels(output_scale)).to(result.dtype)  # (..., out) * (out,)
         return result
+
+    def _channels(self, vector: torch.Tensor) -> torch.Tensor:
+        """A ``(features,)`` vector shaped to broadcast over an input or output: ``(C, 1, ...)`` on a convolution."""
+        return vector.view(-1, *(1,) * self.conv_dims) if self.conv_dims else vector
 
     def forward_rows(
         self, rows: list[str | None], x: torch.Tensor, *args: Any, **kwargs: Any
@@ -125,7 +142,12 @@ class IA3Layer(AdapterLayer):
                 f"mixed_batch was given {len(rows)} adapter names but {type(self.base_layer).__name__} got a batch of "
                 f"{x.shape[0]} rows; pass one name (or None) per row of the batch."
             )
-        broadcast = (len(rows),) + (1,) * (x.dim() - 2) + (-1,)  # (B, 1, ..., features)
+        # (B, 1, ..., features) for linear layers, (B, channels, 1, ...) for convolutions
+        broadcast = (
+            (len(rows), -1, *(1,) * self.conv_dims)
+            if self.conv_dims
+            else (len(rows),) + (1,) * (x.dim() - 2) + (-1,)
+        )
         input_scale = self._row_scales(rows, feedforward=True)
         if input_scale is not None:
             x = (x.to(input_scale.dtype) * input_scale.view(broadcast)).to(x.dtype)
@@ -151,6 +173,9 @@ class IA3Layer(AdapterLayer):
     def _merged(self, adapter_name: str, undo: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         base = self.base_layer
         l = self.ia3_l[adapter_name].detach()  # noqa: E741
+        if self.conv_dims:  # weight (out, in, *kernel): scale dim 0 (outputs) or dim 1 (inputs)
+            side = (1, -1) if self.is_feedforward[adapter_name] else (-1, 1)
+            l = l.flatten().view(*side, *(1,) * self.conv_dims)  # noqa: E741
         with torch.no_grad():
             oriented = self._oriented(base.weight)  # (out, in)
             weight = self._oriented(oriented / l if undo else oriented * l).to(base.weight.dtype)
@@ -245,12 +270,25 @@ class IA3(PEFTMethod):
         found = find_targets(
             model,
             targets,
-            supported=(nn.Linear, Conv1D, IA3Layer),
+            supported=(nn.Linear, Conv1D, *_CONV, IA3Layer),
             exclude_modules=self.exclude_modules,
             skip=self.modules_to_save or (),
             linear_types=(nn.Linear, Conv1D),
             method="IA3",
         )
+        for name, module in found:  # checked before any layer is replaced
+            base = module.base_layer if isinstance(module, IA3Layer) else module
+            if (
+                isinstance(base, _CONV)
+                and base.groups > 1
+                and bool(feedforward)
+                and name_matches(name, feedforward)
+            ):
+                raise ValueError(
+                    f"IA3: {name} is a grouped convolution (groups={base.groups}); scaling its input channels "
+                    "(feedforward_modules) would not fold into its weight. Leave it out of feedforward_modules "
+                    "(its output channels are scaled then)."
+                )
         for name, module in found:
             layer = module if isinstance(module, IA3Layer) else IA3Layer(module)
             is_feedforward = bool(feedforward) and name_matches(name, feedforward)

@@ -76,14 +76,36 @@ def test_chosen_biases_only() -> None:
     assert count_parameters(regex)["trainable"] == 2 * 2 * 64  # two LayerNorms per layer
 
 
+class NormCNN(nn.Module):
+    """A ResNet-style stem: bias-free convolutions followed by BatchNorm and GroupNorm (the only biases)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, kernel_size=3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.pointwise = nn.Conv2d(8, 8, kernel_size=1, bias=False)
+        self.gn = nn.GroupNorm(2, 8)
+        self.head = nn.Linear(8, 4)
+        with torch.no_grad():  # running statistics away from their init, as after pre-training
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        h = self.gn(self.pointwise(torch.relu(self.bn(self.conv(image)))))
+        return self.head(h.mean(dim=(2, 3)))
+
+
 @pytest.mark.parametrize(
     ("build", "forward"),
     [
         (tiny_bert_classifier, checks.logits),
         (tiny_gpt2, checks.logits),  # transformers' Conv1D
         (MLPConv, lambda m: m(*MLPConv.example_inputs())),  # Conv1d, Conv2d (3x3 and 1x1), Linear
+        (lambda: NormCNN().train(), lambda m: m(MLPConv.example_inputs()[0])),  # batch statistics
+        (lambda: NormCNN().eval(), lambda m: m(MLPConv.example_inputs()[0])),  # running statistics
     ],
-    ids=["bert", "gpt2_conv1d", "mlpconv"],
+    ids=["bert", "gpt2_conv1d", "mlpconv", "batchnorm_train", "batchnorm_groupnorm_eval"],
 )
 def test_output_equals_the_base_model_with_the_trained_biases(build: Callable, forward: Callable) -> None:
     model = inject(build(), BitFit())

@@ -124,7 +124,7 @@ def test_configuration_errors_are_clear() -> None:
     with pytest.raises(ValueError, match="feedforward_modules is required"):
         inject(MLPConv(), IA3(target_modules=["fc1"]))
     with pytest.raises(TypeError, match="unsupported type"):
-        inject(MLPConv(), IA3(target_modules=["conv2d"], feedforward_modules=[]))
+        inject(MLPConv(), IA3(target_modules=["embed"], feedforward_modules=[]))
     with pytest.raises(ValueError, match="lacks 'feedforward_modules'"):
         IA3.from_peft_config({"peft_type": "IA3", "target_modules": ["k_proj"]})
 
@@ -179,3 +179,92 @@ def test_adapter_directories_load_both_ways_with_peft(case: str, tmp_path: Path)
     with torch.no_grad():
         assert torch.equal(checks.logits(reloaded), expected)
     assert all(isinstance(m, IA3Layer) for n, m in checks.adapter_layers(reloaded) if "classifier" not in n)
+
+
+# --- convolutions: channels scaled, (1, C, 1, ...) as peft stores Conv2d vectors ----------------------------------
+CONV_TARGETS = {
+    "target_modules": ["conv2d", "pointwise", "conv1d", "fc1"],
+    "feedforward_modules": ["pointwise"],
+}
+
+
+def _conv_logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(*MLPConv.example_inputs())
+
+
+def test_convolutions_scale_output_or_input_channels_and_merge_exactly() -> None:
+    model = inject(MLPConv(), IA3(**CONV_TARGETS))
+    base = MLPConv()
+    assert torch.equal(_conv_logits(model), _conv_logits(base))  # ones: a no-op
+    shapes = {k: tuple(v.shape) for k, v in adapter_state_dict(model).items()}
+    assert shapes == {
+        "conv2d.ia3_l.default": (1, 8, 1, 1),  # output channels
+        "pointwise.ia3_l.default": (1, 8, 1, 1),  # input channels (feed-forward)
+        "conv1d.ia3_l.default": (1, 8, 1),
+        "fc1.ia3_l.default": (32, 1),
+    }
+    checks.randomise(model, scale=0.3)
+    l2 = model.conv2d.ia3_l["default"].flatten()
+    l_pw = model.pointwise.ia3_l["default"].flatten()
+    image = MLPConv.example_inputs()[0]
+    with torch.no_grad():
+        h = torch.relu(base.conv2d(image) * l2.view(-1, 1, 1))
+        torch.testing.assert_close(
+            model.pointwise(h), base.pointwise(h * l_pw.view(-1, 1, 1)), atol=1e-6, rtol=0
+        )
+    out = _conv_logits(model)
+    merge(model)
+    torch.testing.assert_close(_conv_logits(model), out, atol=1e-6, rtol=0)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(out, _conv_logits(base), atol=1e-3, rtol=0)
+
+
+def test_conv2d_matches_peft_and_its_directory_loads_both_ways(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    kwargs = {"target_modules": ["conv2d", "pointwise"], "feedforward_modules": ["pointwise"]}
+    ours = inject(MLPConv(), IA3(**kwargs))
+    checks.randomise(ours, scale=0.3)
+    save_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(MLPConv(), tmp_path / "ours")
+    expected = _conv_logits(ours)
+    assert torch.equal(_conv_logits(theirs), expected)
+    theirs.merge_adapter()
+    merge(ours)
+    torch.testing.assert_close(_conv_logits(ours), _conv_logits(theirs), atol=1e-6, rtol=0)
+    theirs.unmerge_adapter()
+    theirs.save_pretrained(tmp_path / "theirs")
+    assert torch.equal(_conv_logits(load_adapter(MLPConv(), tmp_path / "theirs")), expected)
+
+
+def test_a_grouped_convolution_is_refused_as_feedforward_and_the_model_is_untouched() -> None:
+    model = MLPConv()
+    model.pointwise = nn.Conv2d(8, 8, kernel_size=1, groups=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"pointwise is a grouped convolution \(groups=2\)"):
+        inject(model, IA3(**CONV_TARGETS))
+    assert not checks.adapter_layers(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    inject(model, IA3(target_modules=["pointwise"], feedforward_modules=[]))  # output channels: fine
+    checks.randomise(model, scale=0.3)
+    out = _conv_logits(model)
+    merge(model)
+    torch.testing.assert_close(_conv_logits(model), out, atol=1e-6, rtol=0)
+
+
+def test_mixed_batch_on_convolutions_gives_each_row_its_adapter() -> None:
+    from lightning_peft import mixed_batch, set_adapter
+
+    model = inject(MLPConv(), IA3(**CONV_TARGETS))
+    inject(model, IA3(**CONV_TARGETS), adapter_name="other")
+    checks.randomise(model, scale=0.3)
+    rows = ["default", "other", None, "other"]
+    with torch.no_grad(), mixed_batch(model, rows):
+        mixed = model(*MLPConv.example_inputs())
+    for i, name in enumerate(rows):
+        if name is None:
+            expected = _conv_logits(MLPConv())
+        else:
+            set_adapter(model, name)
+            expected = _conv_logits(model)
+        torch.testing.assert_close(mixed[i], expected[i], atol=1e-6, rtol=0)
