@@ -14,6 +14,7 @@ method whose schedule needs more than the single step of ``fast_dev_run``, e.g. 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import socket
@@ -76,7 +77,10 @@ def launch_kind(path: Path) -> str:
 
 
 def missing_requirements(path: Path) -> list[str]:
-    available = {"cuda": torch.cuda.is_available()}
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "deepspeed": importlib.util.find_spec("deepspeed") is not None,
+    }
     return [need for need in requirements(path) if not available.get(need, False)]
 
 

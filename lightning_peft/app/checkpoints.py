@@ -16,13 +16,19 @@ def load_adapter_checkpoint(
     module: LightningModule, callback: PEFTCallback, ckpt_path: str | os.PathLike
 ) -> None:
     """Load the adapter tensors of a Lightning checkpoint (``weights_only=True``) into ``module``, checked first:
-    nothing changes unless every adapter tensor is there with the module's shape.
+    nothing changes unless every adapter tensor is there with the module's shape. A directory is read as a
+    DeepSpeed checkpoint (ZeRO-2/3, any number of ranks).
 
     Raises:
         KeyError: the checkpoint lacks some adapter tensors (another method, target or target_modules).
         ValueError: the checkpoint holds tensors the module does not have, or of another shape.
     """
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if os.path.isdir(ckpt_path):  # a DeepSpeed checkpoint: per-rank fp32 partitions, merged here
+        from lightning_peft.integrations.deepspeed import adapter_tensors_from_checkpoint
+
+        checkpoint = {"state_dict": adapter_tensors_from_checkpoint(ckpt_path)}
+    else:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     # Checkpoint keys are written unwrapped (no ``_orig_mod.``): map them onto the live module's own keys.
     state = {state_dict_key(module, clean_key(k)): v for k, v in checkpoint.get("state_dict", {}).items()}
     keys = [state_dict_key(module, k) for k in callback.adapter_keys(module)]

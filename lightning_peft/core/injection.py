@@ -346,9 +346,14 @@ def count_parameters(model: nn.Module) -> dict[str, float]:
 
 
 def _numel(param: torch.Tensor) -> int:
-    # Packed low-bit weights (e.g. bitsandbytes 4-bit) report how many values they hold.
+    # Packed low-bit weights (e.g. bitsandbytes 4-bit) report how many values they hold; DeepSpeed ZeRO-3
+    # partitions hold an empty tensor and the full size in ds_numel.
     shape = getattr(getattr(param, "quant_state", None), "shape", None)
-    return int(torch.Size(shape).numel()) if shape is not None else param.numel()
+    return (
+        int(torch.Size(shape).numel())
+        if shape is not None
+        else int(getattr(param, "ds_numel", param.numel()))
+    )
 
 
 def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:

@@ -48,6 +48,7 @@ from lightning_peft.core.injection import (
 )
 from lightning_peft.formats.atomic_io import AtomicCheckpointIO
 from lightning_peft.formats.peft_directory import refuse_non_finite
+from lightning_peft.integrations import deepspeed as deepspeed_support
 from lightning_peft.integrations.gradient_flow import InputGradientProbe
 
 CHECKPOINT_KEY = "lightning_peft"
@@ -183,6 +184,8 @@ class PEFTCallback(Callback):
             ddp_kwargs = getattr(trainer.strategy, "_ddp_kwargs", None)
             if isinstance(ddp_kwargs, dict) and not ddp_kwargs.get("static_graph"):
                 ddp_kwargs.setdefault("find_unused_parameters", True)
+        if deepspeed_support.is_deepspeed(trainer):
+            deepspeed_support.prepare_deepspeed(trainer, self.adapter_only_checkpoints, self.non_finite)
         self._wrap(pl_module, "configure_model", self._configure_model)
         self._wrap(pl_module, "configure_optimizers", self._configure_optimizers)
         self._wrap(pl_module, "on_save_checkpoint", self._on_save_checkpoint)
@@ -233,7 +236,8 @@ class PEFTCallback(Callback):
                     f"{record.methods[self.adapter_name]}; this callback asks for {self.method}."
                 )
             return  # hooks re-run for every stage: inject once
-        inject(model, self.method, self.adapter_name)
+        with deepspeed_support.plain_parameters(getattr(pl_module, "_trainer", None)):
+            inject(model, self.method, self.adapter_name)
         if self.adapter_only_checkpoints:
             # Base weights are not in our checkpoints; adapter keys are checked in on_load_checkpoint.
             pl_module.strict_loading = False
@@ -311,6 +315,10 @@ class PEFTCallback(Callback):
             }
         # state is None: sharded strategies load weights through their own planner
         wanted = self.checkpoint_keys(pl_module) if state is not None else []
+        trainer = getattr(pl_module, "_trainer", None)
+        if state is None and trainer is not None and deepspeed_support.is_deepspeed(trainer):
+            # The engine loaded non-strictly (no base weights in the checkpoint): check the adapter was there.
+            deepspeed_support.require_adapter_tensors(trainer.ckpt_path, self.checkpoint_keys(pl_module))
         present = {clean_key(k) for k in state} if state is not None else set()
         missing = [k for k in wanted if k not in present]
         if state is not None:
@@ -329,7 +337,6 @@ class PEFTCallback(Callback):
                 "nothing was loaded (PEFTCallback(non_finite='allow') loads it).",
             )
         training_state = (checkpoint.get(CHECKPOINT_KEY) or {}).get("training_state")
-        trainer = getattr(pl_module, "_trainer", None)
         if training_state is None and (trainer is None or trainer.state.fn != TrainerFn.FITTING):
             return  # an older checkpoint evaluated, not resumed: nothing restarts, no warning
         self.method.load_training_state(self.target_module(pl_module), self.adapter_name, training_state)
@@ -442,7 +449,7 @@ class PEFTCallback(Callback):
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._gradients_checked:
             self._gradients_checked = True
-            _warn_about_tensors_without_gradient(pl_module)
+            _warn_about_tensors_without_gradient(_gradients(trainer, pl_module), pl_module)
         model = self.target_module(pl_module)
         extra = self.method.extra_loss(model, self.adapter_name)
         if extra is None:
@@ -467,16 +474,11 @@ class PEFTCallback(Callback):
         if self.non_finite == "allow" or getattr(trainer.precision_plugin, "scaler", None) is not None:
             return
         # After the all-reduce: every rank sees the same gradients and so takes the same decision.
-        params = [p for p in pl_module.parameters() if p.requires_grad and p.grad is not None]
-        if not params or bool(
-            torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in params]))).all()
-        ):
+        grads = _gradients(trainer, pl_module)
+        if not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(list(grads.values())))).all()):
             return
-        bad = [
-            clean_key(n)
-            for n, p in pl_module.named_parameters()
-            if p.requires_grad and p.grad is not None and not bool(torch.isfinite(p.grad).all())
-        ]
+        bad = [clean_key(n) for n, g in grads.items() if not bool(torch.isfinite(g).all())]
+        params = [p for p in pl_module.parameters() if p.requires_grad and p.grad is not None]
         message = (
             f"lightning-peft: step {trainer.global_step} (epoch {trainer.current_epoch}) has NaN/inf gradients in "
             f"{len(bad)} trainable tensors, e.g. {bad[:3]} (a diverged loss, or NaN/inf in the batch)"
@@ -511,9 +513,18 @@ class PEFTCallback(Callback):
             )
 
 
-def _warn_about_tensors_without_gradient(pl_module: pl.LightningModule) -> None:
+def _gradients(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+    """The gradients of the trainable parameters by name (DeepSpeed keeps them in its own buffers)."""
+    if deepspeed_support.is_deepspeed(trainer):
+        return deepspeed_support.full_gradients(pl_module)
+    return {n: p.grad for n, p in pl_module.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def _warn_about_tensors_without_gradient(
+    grads: dict[str, torch.Tensor], pl_module: pl.LightningModule
+) -> None:
     """After the first backward every trainable tensor should have a gradient; one that has none never trains."""
-    silent = [n for n, p in pl_module.named_parameters() if p.requires_grad and p.grad is None]
+    silent = [n for n, p in pl_module.named_parameters() if p.requires_grad and n not in grads]
     if silent:
         rank_zero_warn(
             f"lightning-peft: {len(silent)} trainable tensors got no gradient in the first backward, e.g. "
