@@ -37,6 +37,7 @@ def test_built_in_loaders() -> None:
         "MAM_ADAPTER": m.MAMAdapter,
         "P_TUNING": m.PTuning,
         "PROMPT_TUNING": m.PromptTuning,
+        "TRAINABLE_TOKENS": m.TrainableTokens,
         "UNIPELT": m.UniPELT,
     }
 

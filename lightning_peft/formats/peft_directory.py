@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -42,6 +43,8 @@ from lightning_peft.core.targeting import check_pattern
 from lightning_peft.formats.atomic_io import describe_interrupted, write_directory
 
 CONFIG_NAME = "adapter_config.json"
+#: The key of a method's own settings, kept in the weights file's metadata (e.g. TrainableTokens' expected rows).
+OWN_SETTINGS_KEY = "lightning_peft"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 
@@ -97,6 +100,10 @@ def save_adapter(
         )
     directory = Path(directory)
     config = method.to_peft_config(model, name)
+    # Settings of ours that peft's config class lacks ride in the weights file's metadata, which peft ignores (an
+    # unknown adapter_config.json key makes peft warn that the file needs a newer peft).
+    own = config.pop(OWN_SETTINGS_KEY, None)
+    metadata = {"format": "pt", **({OWN_SETTINGS_KEY: json.dumps(own, sort_keys=True)} if own else {})}
     model_config = getattr(model, "config", None)
     config.update(
         task_type=_task_type(model),
@@ -116,7 +123,7 @@ def save_adapter(
     write_directory(
         directory,
         {
-            WEIGHTS_NAME: lambda path: save_file(tensors, path, metadata={"format": "pt"}),
+            WEIGHTS_NAME: lambda path: save_file(tensors, path, metadata=metadata),
             CONFIG_NAME: lambda path: Path(path).write_text(json.dumps(config, indent=2, sort_keys=True)),
         },
         carried=("README.md",),
@@ -344,6 +351,24 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{weights_path} not found.{describe_interrupted(directory)}")
 
 
+def _own_settings(directory: Path) -> dict[str, Any]:
+    """The settings :func:`save_adapter` kept in the weights file's metadata (none in peft's or legacy files)."""
+    weights_path = directory / WEIGHTS_NAME
+    if not weights_path.is_file():
+        return {}
+    with safe_open(weights_path, framework="pt") as file:
+        text = (file.metadata() or {}).get(OWN_SETTINGS_KEY)
+    try:
+        settings = json.loads(text) if text is not None else {}
+    except json.JSONDecodeError:
+        settings = None
+    if not isinstance(settings, dict):
+        raise ValueError(
+            f"{weights_path}: its {OWN_SETTINGS_KEY!r} metadata is not a JSON object; save it again."
+        )
+    return settings
+
+
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's part of a sharded tensor (FSDP's ShardedTensor, DTensor); the tensor itself otherwise."""
     if callable(getattr(tensor, "local_tensor", None)):
@@ -394,6 +419,9 @@ def load_adapter(
     method_cls = method_for_peft_type(config["peft_type"])
     check_config_keys(config_path, config, method_cls)
     tensors = _read_tensors(directory)
+    if own := _own_settings(directory):
+        config = {**config, **own}
+        check_config_keys(directory / WEIGHTS_NAME, config, method_cls)
     if not allow_non_finite:
         refuse_non_finite(tensors, str(directory), "allow_non_finite=True loads them anyway.")
     try:

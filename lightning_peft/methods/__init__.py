@@ -14,6 +14,7 @@ from lightning_peft.methods.lora.qlora import QLoRA
 from lightning_peft.methods.prompt.p_tuning import PTuning
 from lightning_peft.methods.prompt.prefix_tuning import PrefixTuning, PTuningV2
 from lightning_peft.methods.prompt.prompt_tuning import PromptTuning
+from lightning_peft.methods.trainable_tokens import TrainableTokens
 
 __all__ = [
     "IA3",
@@ -33,5 +34,6 @@ __all__ = [
     "PrefixTuning",
     "PromptTuning",
     "QLoRA",
+    "TrainableTokens",
     "UniPELT",
 ]
