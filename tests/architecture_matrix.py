@@ -483,8 +483,11 @@ NO_CACHE = Refusal(
     "LoRA work)",
 )
 ENCODER_DECODER = Refusal(
-    "soft prompts and prefixes support decoder-only and encoder-only models",
-    "soft prompts and prefixes are not implemented for encoder-decoders yet",
+    "prefixes are not implemented for encoder-decoders yet",
+    "prefixes are not implemented for encoder-decoders yet (prompt tuning and P-tuning work: before the encoder's input)",
+)
+AUDIO = Refusal(
+    "takes no inputs_embeds", "the encoder reads audio features: no token input to put prompts before"
 )
 NO_QUANTIZABLE = Refusal(
     "has no nn.Linear inside repeated blocks",
@@ -519,9 +522,14 @@ _REFUSED: dict[str, dict[str, Refusal]] = {
     "Bloom": dict.fromkeys(PREFIX_METHODS, NO_CACHE),
     "DeBERTa-v2": dict.fromkeys(PREFIX_METHODS, NO_CACHE),
     "DistilBERT": dict.fromkeys(PREFIX_METHODS, NO_CACHE),
-    "T5": {"BitFit": NO_BIAS, **dict.fromkeys(SOFT_PROMPTS, ENCODER_DECODER)},
-    "BART": {**dict.fromkeys(SOFT_PROMPTS, ENCODER_DECODER), "Adapter (parallel)": WIDENING},
-    "Whisper": {**dict.fromkeys(SOFT_PROMPTS, ENCODER_DECODER), "Adapter (parallel)": WIDENING},
+    "T5": {"BitFit": NO_BIAS, **dict.fromkeys(PREFIX_METHODS, ENCODER_DECODER)},
+    "BART": {**dict.fromkeys(PREFIX_METHODS, ENCODER_DECODER), "Adapter (parallel)": WIDENING},
+    "Whisper": {
+        "PromptTuning": AUDIO,
+        "PTuning": AUDIO,
+        **dict.fromkeys(PREFIX_METHODS, ENCODER_DECODER),
+        "Adapter (parallel)": WIDENING,
+    },
     "ViT": {
         "PromptTuning": NO_TOKEN_TABLE,
         "PTuning": NO_TOKEN_TABLE,

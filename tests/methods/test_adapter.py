@@ -343,10 +343,16 @@ def test_moe_blocks_get_bottlenecks_of_the_hidden_size(family: str) -> None:
     base_out = checks.logits(model)
     inject(model, Adapter(style="houlsby", reduction_factor=4))
     wrapped = _wrapped(model)
-    assert set(wrapped) == {f"model.layers.{i}.{site}" for i in range(2) for site in ("self_attn.o_proj", "mlp")}
+    assert set(wrapped) == {
+        f"model.layers.{i}.{site}" for i in range(2) for site in ("self_attn.o_proj", "mlp")
+    }
     for name in wrapped:
         bottleneck = model.get_submodule(name).bottleneck["default"]
-        assert (bottleneck.down.in_features, bottleneck.down.out_features, bottleneck.up.out_features) == (32, 8, 32)
+        assert (bottleneck.down.in_features, bottleneck.down.out_features, bottleneck.up.out_features) == (
+            32,
+            8,
+            32,
+        )
     assert torch.equal(checks.logits(model), base_out)
     checks.randomise(model, seed=1, scale=0.1)
     assert not torch.allclose(checks.logits(model), base_out, atol=1e-3)

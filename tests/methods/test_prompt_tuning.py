@@ -208,3 +208,92 @@ def test_custom_module_missing_the_contract_gets_a_clear_error():
 
     with pytest.raises(ValueError, match=r"does not accept \['inputs_embeds'\]"):
         inject(IdsOnly(), method())
+
+
+# --- encoder-decoders: prompts before the encoder's input (the prompt-tuning paper's T5 setting, as peft) ----------
+ENC_DEC = ("T5", "BART")
+
+
+def _enc_dec_batch() -> dict[str, torch.Tensor]:
+    from tests.architecture_matrix import FAMILIES
+
+    batch = FAMILIES["T5"].inputs()
+    batch["attention_mask"][1, :2] = 0  # a left-padded row: the prompts stay visible, the padding does not
+    return batch
+
+
+def _generate(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=4,
+            do_sample=False, num_beams=1,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ENC_DEC)
+@pytest.mark.parametrize("num_transformer_submodules", [1, 2])
+def test_encoder_decoder_prompts_match_peft_in_forward_loss_and_generate(
+    family, num_transformer_submodules, tmp_path
+):
+    """Both ways: our directory in peft, and peft's (its SEQ_2_SEQ_LM default stores 2n rows, the decoder's unused)."""
+    peft = pytest.importorskip("peft")
+    from lightning_peft import load_adapter, save_adapter
+    from lightning_peft.testing.checks import randomise
+    from tests.architecture_matrix import FAMILIES
+
+    build, batch = FAMILIES[family].build, _enc_dec_batch()
+    labels = batch["decoder_input_ids"].clone()
+    if num_transformer_submodules == 1:
+        ours = inject(build(), PromptTuning(num_virtual_tokens=4))
+        randomise(ours, scale=0.5)
+        save_adapter(ours, tmp_path)
+        theirs = peft.PeftModel.from_pretrained(build(), tmp_path).eval()
+    else:
+        config = peft.PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4)
+        theirs = peft.get_peft_model(build(), config)
+        randomise(theirs, scale=0.5)
+        assert theirs.prompt_encoder["default"].embedding.weight.shape[0] == 8  # 2n rows
+        theirs.save_pretrained(tmp_path)
+        theirs.eval()
+        ours = load_adapter(build(), tmp_path)
+    ours.eval()
+    with torch.no_grad():
+        got, expected = ours(**batch, labels=labels), theirs(**batch, labels=labels)
+    torch.testing.assert_close(got.logits, expected.logits, atol=1e-5, rtol=0)  # decoder positions: no cut
+    torch.testing.assert_close(got.loss, expected.loss, atol=1e-6, rtol=0)
+    assert got.encoder_last_hidden_state.shape[1] == 4 + batch["input_ids"].shape[1]
+    assert torch.equal(_generate(ours, batch), _generate(theirs, batch))
+    with torch.no_grad(), disable_adapters(ours):
+        assert not torch.allclose(ours(**batch).logits, got.logits, atol=1e-3)  # the prompts act
+
+
+@pytest.mark.parametrize("family", ENC_DEC)
+def test_encoder_decoder_generate_equals_cache_free_greedy_decoding(family):
+    from lightning_peft.testing.checks import randomise
+    from tests.architecture_matrix import FAMILIES
+
+    model = inject(FAMILIES[family].build(), PromptTuning(num_virtual_tokens=4)).eval()
+    randomise(model, scale=0.5)
+    batch = _enc_dec_batch()
+    model.generation_config.eos_token_id = None
+    model.generation_config.forced_eos_token_id = None  # BART forces EOS at max_length; the loop below does not
+    generated = _generate(model, batch)
+    start = generated[:, :1]
+    tokens = start
+    with torch.no_grad():
+        for _ in range(4):  # the whole decoder input every step, through the hooked top-level call
+            out = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=tokens
+            )
+            tokens = torch.cat([tokens, out.logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generated, tokens)
+
+
+def test_speech_encoder_decoders_are_refused_with_the_reason():
+    from tests.architecture_matrix import FAMILIES
+
+    model = FAMILIES["Whisper"].build()
+    modules = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=r"encoder WhisperEncoder takes no inputs_embeds .*audio features"):
+        inject(model, PromptTuning(num_virtual_tokens=4))
+    assert [type(m) for m in model.modules()] == modules

@@ -69,14 +69,87 @@ class _Call:
 
 
 def install_hooks(host: nn.Module) -> None:
-    """Register the two hooks once; they remove themselves once the adapter layer is gone (``unload``)."""
+    """Register the hooks once; they remove themselves once the adapter layer is gone (``unload``).
+
+    On an encoder-decoder the prompts go before the *encoder's* input (as in the prompt-tuning paper, on T5, and
+    peft): a pre-hook on the encoder prepends them, so ``generate()``, which runs the encoder by itself, gets them
+    too; the host's pre-hook only widens the cross-attention's ``attention_mask`` by ``n``. Decoder inputs,
+    labels and outputs are left as they are (``encoder_last_hidden_state`` keeps the ``n`` prompt positions).
+    """
     if getattr(host, _HOOKS_ATTR, None):
         return
-    handles = (
-        host.register_forward_pre_hook(_before_forward, with_kwargs=True),
-        host.register_forward_hook(_after_forward, with_kwargs=True),
-    )
+    if is_encoder_decoder(host):
+        encoder = host.get_encoder()
+        handles = (
+            host.register_forward_pre_hook(_before_encoder_decoder, with_kwargs=True),
+            encoder.register_forward_pre_hook(_encoder_hook(host), with_kwargs=True),
+        )
+    else:
+        handles = (
+            host.register_forward_pre_hook(_before_forward, with_kwargs=True),
+            host.register_forward_hook(_after_forward, with_kwargs=True),
+        )
     object.__setattr__(host, _HOOKS_ATTR, handles)
+
+
+def is_encoder_decoder(host: nn.Module) -> bool:
+    return bool(getattr(getattr(host, "config", None), "is_encoder_decoder", False))
+
+
+def _active_prompt(host: nn.Module) -> tuple[VirtualTokens, str] | None:
+    """The virtual-token layer and its active adapter; ``None`` when none is active. Unloaded: the hooks go."""
+    layer = host.get_input_embeddings()
+    if not isinstance(layer, VirtualTokens):
+        for handle in getattr(host, _HOOKS_ATTR, ()):
+            handle.remove()
+        object.__delattr__(host, _HOOKS_ATTR)
+        return None
+    adapter_name = layer.active_adapter()
+    return None if adapter_name is None else (layer, adapter_name)
+
+
+def _before_encoder_decoder(host: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Widen the padding mask the decoder's cross-attention reads by the ``n`` prompt positions."""
+    active = _active_prompt(host)
+    if active is None:
+        return None
+    layer, adapter_name = active
+    args, kwargs = _keyword_arguments(host, args, dict(kwargs))
+    mask, n = kwargs.get("attention_mask"), layer.specs[adapter_name].num_virtual_tokens
+    if mask is None:
+        return args, kwargs
+    encoded = kwargs.get("encoder_outputs")
+    if encoded is not None:  # generate(): the encoder already ran (with the prompts), on the caller's mask
+        states = encoded[0] if isinstance(encoded, (tuple, list)) else encoded.last_hidden_state
+        if mask.shape[1] != states.shape[1] - n:
+            return args, kwargs
+    kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)  # (B, n + T)
+    return args, kwargs
+
+
+def _encoder_hook(host: nn.Module) -> Any:
+    host_ref = weakref.ref(host)
+
+    def before_encoder(encoder: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Prepend the prompts to the encoder's input; widen its mask unless the host already did."""
+        host = host_ref()
+        active = _active_prompt(host) if host is not None else None
+        if active is None:
+            return None
+        layer, adapter_name = active
+        args, kwargs = _keyword_arguments(encoder, args, dict(kwargs))
+        input_ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        if input_ids is None and embeds is None:
+            raise ValueError("Soft-prompt methods need input_ids or inputs_embeds in the encoder's call.")
+        batch, length = (input_ids if input_ids is not None else embeds).shape[:2]
+        n = layer.specs[adapter_name].num_virtual_tokens
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.shape[1] == length:
+            kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+        _prepend_prompts(layer, adapter_name, kwargs, batch, length)
+        return args, kwargs
+
+    return before_encoder
 
 
 def checkpointing(host: nn.Module) -> bool:
@@ -91,15 +164,10 @@ def _calls() -> dict[int, _Call | None]:
 
 def _before_forward(host: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     _calls()[id(host)] = None
-    layer = host.get_input_embeddings()
-    if not isinstance(layer, VirtualTokens):  # unloaded: the hooks go too
-        for handle in getattr(host, _HOOKS_ATTR, ()):
-            handle.remove()
-        object.__delattr__(host, _HOOKS_ATTR)
+    active = _active_prompt(host)
+    if active is None:
         return None
-    adapter_name = layer.active_adapter()
-    if adapter_name is None:
-        return None
+    layer, adapter_name = active
     if layer.specs[adapter_name].kind == "prefix" and host.training and checkpointing(host):
         raise RuntimeError(CHECKPOINTING_ERROR.format(method="The prefix adapter"))
     args, kwargs = _keyword_arguments(host, args, dict(kwargs))

@@ -38,7 +38,12 @@ from lightning_peft.core import transformers_compat as hf
 from lightning_peft.core.adapter_layer import PEFT_PREFIX, AdapterLayer, adapter_dtype, to_peft_key
 from lightning_peft.core.contract import PEFTMethod
 from lightning_peft.core.targeting import replace_module
-from lightning_peft.methods.prompt.hooks import CHECKPOINTING_ERROR, checkpointing, install_hooks
+from lightning_peft.methods.prompt.hooks import (
+    CHECKPOINTING_ERROR,
+    checkpointing,
+    install_hooks,
+    is_encoder_decoder,
+)
 from lightning_peft.methods.prompt.virtual_tokens import VirtualTokens, VirtualTokenSpec, virtual_tokens_layer
 
 
@@ -160,14 +165,8 @@ class PromptLearningMethod(PEFTMethod):
     # --- injection ------------------------------------------------------------------------------------------
     def inject_layers(self, model: nn.Module, adapter_name: str) -> None:
         host = find_host(model, self.name)
-        if getattr(getattr(host, "config", None), "is_encoder_decoder", False):
-            # Refused here rather than failing later: generate() runs the encoder outside the hooked call, and
-            # decoder labels are not aligned with the encoder's virtual tokens.
-            raise ValueError(
-                f"{self.name} on the encoder-decoder {type(host).__name__}: soft prompts and prefixes support "
-                "decoder-only and encoder-only models; on encoder-decoders (T5, BART, Whisper) generation and the "
-                "decoder's labels would go wrong. Use LoRA, IA3 or BitFit for this model."
-            )
+        if is_encoder_decoder(host):
+            self._check_encoder_decoder(host)
         if self.kind == "prefix":
             hf.check_cache_api(host, self.name)
             if hf.cache_argument(host) is None:
@@ -205,6 +204,27 @@ class PromptLearningMethod(PEFTMethod):
             replace_module(model, next(n for n, m in model.named_modules() if m is embedding), layer)
         layer.add_adapter(adapter_name, encoder, spec)
         install_hooks(host)
+
+    def _check_encoder_decoder(self, host: nn.Module) -> None:
+        """Prompts go before the encoder's token input; prefixes and non-token encoders are refused."""
+        if self.kind == "prefix":
+            raise ValueError(
+                f"{self.name} on the encoder-decoder {type(host).__name__}: prefixes are not implemented for "
+                "encoder-decoders yet. Use PromptTuning or PTuning (prompts before the encoder's input), or LoRA/IA3."
+            )
+        encoder = host.get_encoder() if callable(getattr(host, "get_encoder", None)) else None
+        params = inspect.signature(encoder.forward).parameters if encoder is not None else {}
+        if "inputs_embeds" not in params:
+            what = (
+                "model has no get_encoder()"
+                if encoder is None
+                else f"encoder {type(encoder).__name__} takes no inputs_embeds"
+            )
+            raise ValueError(
+                f"{self.name} on the encoder-decoder {type(host).__name__}: prompts go before the encoder's token "
+                f"input, but its {what} (Whisper's encoder reads audio features, not tokens). Use "
+                "LoRA, IA3 or an Adapter for this model."
+            )
 
     def _check_positions(self, host: nn.Module) -> None:
         """Virtual tokens take positions of a learned (absolute) position table: they must leave room for input."""
@@ -270,6 +290,11 @@ class PromptLearningMethod(PEFTMethod):
         out = {}
         for key, value in tensors.items():
             if key == "prompt_embeddings":
+                n = layer.specs[adapter_name].num_virtual_tokens
+                if value.shape[0] == 2 * n and is_encoder_decoder(find_host(model, self.name)):
+                    # peft's SEQ_2_SEQ_LM default (num_transformer_submodules=2) stores n rows for the decoder
+                    # too; its prompt-tuning and P-tuning forward and generate() read only the first n.
+                    value = value[:n]
                 trainable = any(p.requires_grad for p in layer.prompt_encoder[adapter_name].parameters())
                 layer.freeze_encoder(adapter_name)
                 layer.prompt_encoder[adapter_name].requires_grad_(trainable)
