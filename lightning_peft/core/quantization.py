@@ -50,6 +50,9 @@ def _is_quantized_param(param: torch.Tensor) -> bool:
 
 
 # --- layers -----------------------------------------------------------------------------------------------
+_BLOCK = 64  # values per quantization block (bitsandbytes' 4-bit default)
+
+
 def quantize_linear(
     linear: nn.Linear,
     quant_type: Literal["nf4", "fp4"] = "nf4",
@@ -171,7 +174,13 @@ def quantize(
                 "model.layers.0.mlp.up_proj) to quantize; pass quantize_modules=[...] (names, a regex or "
                 "'all-linear'). GPT-2 style Conv1D layers are not quantized."
             )
-    targets = [(name, module) for name, module in found if not is_quantized_linear(module)]
+    # A layer of at most one 64-value block (a router's or shared expert's 1-wide gate) stays in full precision:
+    # 4 bits plus a block scale save nothing there, and bitsandbytes < 0.49 crashes quantizing it on CPU.
+    targets = [
+        (name, module)
+        for name, module in found
+        if not is_quantized_linear(module) and module.weight.numel() > _BLOCK
+    ]
     for name, module in targets:
         replace_module(model, name, quantize_linear(module, quant_type, double_quant, compute_dtype))
     return [name for name, _ in targets]

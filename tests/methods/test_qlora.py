@@ -506,3 +506,27 @@ def test_modules_the_model_keeps_in_fp32_stay_full_precision_and_every_adapter_t
     ]
     assert silent == []
     assert sum(p.requires_grad for p in model.parameters()) > 40
+
+
+def test_a_layer_of_one_quantization_block_stays_in_full_precision() -> None:
+    """Qwen2-MoE's shared_expert_gate (hidden -> 1): 4 bits plus a block scale would save nothing there."""
+    import transformers
+
+    config = transformers.Qwen2MoeConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, decoder_sparse_step=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Qwen2MoeForCausalLM(config).eval()
+    inject(model, QLoRA(r=4, target_modules=["q_proj", "v_proj"]))
+    quantized = {n.removesuffix(".base_layer") for n in quantized_layers(model)}
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".lora_" not in n}
+    gates = {f"model.layers.{i}.mlp.shared_expert_gate" for i in range(2)}
+    assert gates <= linears and not gates & quantized
+    assert all(model.get_submodule(g).weight.dtype == torch.float32 for g in gates)
+    assert {n for n in quantized if "shared_expert." in n} == {
+        f"model.layers.{i}.mlp.shared_expert.{p}"
+        for i in range(2)
+        for p in ("gate_proj", "up_proj", "down_proj")
+    }
