@@ -538,7 +538,6 @@ _REFUSED: dict[str, dict[str, Refusal]] = {
         **dict.fromkeys(PREFIX_METHODS, NO_CACHE),
     },
     "ResNet": {
-        "DoRA": Refusal("DoRA supports Linear/Conv1D layers", "DoRA on convolutions is not implemented yet"),
         "QLoRA": NO_QUANTIZABLE,
         "AdaLoRA": LINEAR_ONLY,
         **dict.fromkeys(SOFT_PROMPTS, NO_TOKENS),

@@ -357,8 +357,10 @@ def test_default_targets_come_from_the_model_type() -> None:
 
 
 def test_dora_and_pissa_are_refused_on_layers_that_cannot_have_them() -> None:
-    with pytest.raises(ValueError, match="DoRA supports Linear/Conv1D"):
-        inject(MLPConv(), LoRA(target_modules=["conv2d"], use_dora=True))
+    with pytest.raises(
+        ValueError, match="DoRA supports Linear, Conv1D and convolution layers; embed is Embedding"
+    ):
+        inject(MLPConv(), LoRA(target_modules=["embed"], use_dora=True))
     with pytest.raises(ValueError, match="PiSSA supports Linear/Conv1D layers; conv2d is Conv2d"):
         inject(MLPConv(), LoRA(target_modules=["conv2d"], init_lora_weights="pissa"))
     with pytest.raises(ValueError, match="PiSSA supports Linear/Conv1D layers; embed is Embedding"):
@@ -479,6 +481,11 @@ PARITY = {
         {"r": 4, "lora_alpha": 8, "target_modules": ["conv2d", "pointwise", "conv1d"]},
         _mlpconv_forward,
     ),
+    "conv_dora": ParityCase(
+        MLPConv,
+        {"r": 4, "lora_alpha": 8, "target_modules": ["conv2d", "pointwise", "conv1d"], "use_dora": True},
+        _mlpconv_forward,
+    ),
     "gpt2_conv1d": ParityCase(tiny_gpt2, {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_fc"]}),
     "gpt2_conv1d_dora": ParityCase(
         tiny_gpt2, {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn"], "use_dora": True}
@@ -553,9 +560,9 @@ def test_bias_all_trains_the_same_parameters_as_peft() -> None:
     assert not model.classifier.base_layer.bias.requires_grad  # ... but the head's frozen original
 
 
-@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
-def test_train_mode_with_dropout_matches_peft(use_dora: bool) -> None:
-    case = PARITY["dora" if use_dora else "lora"]
+@pytest.mark.parametrize("case_name", ["lora", "dora", "conv_dora"])
+def test_train_mode_with_dropout_matches_peft(case_name: str) -> None:
+    case = PARITY[case_name]
     reference, ours = peft_and_ours(case, lora_dropout=0.25)
     reference.train()
     ours.train()

@@ -114,7 +114,7 @@ class LoraLayer(AdapterLayer):
 
     def weight_norm(self, adapter_name: str) -> torch.Tensor:
         raise ValueError(
-            f"DoRA is supported on Linear and GPT-2 Conv1D layers, not {type(self.base_layer).__name__}."
+            f"DoRA is supported on Linear, GPT-2 Conv1D and convolution layers, not {type(self.base_layer).__name__}."
         )
 
     # --- merging -------------------------------------------------------------------------------------------
@@ -420,6 +420,35 @@ class LoraConv(LoraLayer):
         # Composing conv(k) then conv(1x1) is the conv whose kernel is B applied to A's kernels.
         delta = self._conv_fn(A.transpose(0, 1), B).transpose(0, 1)  # (out, in, *k)
         return (delta * self.scaling[adapter_name]).to(self.base_layer.weight.dtype)
+
+    # --- DoRA: one magnitude per output channel, stored (1, out, 1, ...) as peft stores it ---------------------
+    def weight_norm(self, adapter_name: str) -> torch.Tensor:
+        """``||W + sBA||`` over each output channel's kernel, ``(1, out, 1, ...)``; a constant to autograd."""
+        with torch.no_grad():
+            weight = self.base_weight() + self.delta_weight(adapter_name)  # (out, in, *k)
+            norm = weight.norm(p=2, dim=tuple(range(1, weight.dim())), keepdim=True)  # (out, 1, ...)
+            return norm.transpose(0, 1).to(adapter_dtype(self.base_layer.weight))
+
+    def _dora_factor(self, adapter_name: str, norm: torch.Tensor) -> torch.Tensor:
+        # (1, out, 1, ...) -> (out, 1, 1, ...): one magnitude per output channel of the (out, in, *k) weight
+        factor = self.lora_magnitude_vector[adapter_name] / norm
+        return factor.transpose(0, 1).to(self.base_layer.weight.dtype)
+
+    def adapter_output(self, adapter_name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
+        if adapter_name not in self.lora_magnitude_vector:
+            return super().adapter_output(adapter_name, x, base_result)
+        # DoRA: y = conv(x, W) + (m/||W+sBA|| - 1) conv(x, W) + (m/||W+sBA||) s B(A(x)), per output channel
+        A, B = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        dropout, scaling = self.lora_dropout[adapter_name], self.scaling[adapter_name]
+        dropped = self.dropped_input(adapter_name, x, A.weight.dtype)
+        scale = self.lora_magnitude_vector[adapter_name] / self.weight_norm(adapter_name)  # (1, out, 1, ...)
+        if isinstance(dropout, nn.Identity) or not self.training:
+            bias = self.base_layer.bias
+            channels = (1, -1) + (1,) * (base_result.dim() - 2)
+            base_no_bias = base_result if bias is None else base_result - bias.view(channels)
+        else:  # the base term must see the same dropped input as the LoRA term
+            base_no_bias = self.base_layer._conv_forward(dropped, self.base_weight().to(dropped.dtype), None)
+        return (scale - 1) * base_no_bias.to(scale.dtype) + scale * B(A(dropped)) * scaling
 
 
 #: The LoRA layer type wrapping each supported base layer type.

@@ -31,6 +31,7 @@ from lightning_peft.core.transformers_compat import Conv1D
 from lightning_peft.methods.lora.layers import (
     LAYER_TYPES,
     InitOption,
+    LoraConv,
     LoraLayer,
     LoraLinear,
     init_display_name,
@@ -58,7 +59,12 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "deberta-v2": ["query_proj", "value_proj"],
     "bart": ["q_proj", "v_proj"],
     "whisper": ["q_proj", "v_proj"],
-    "vit": ["query", "value", "q_proj", "v_proj"],  # transformers 5.4 names them query/value, later q_proj/v_proj
+    "vit": [
+        "query",
+        "value",
+        "q_proj",
+        "v_proj",
+    ],  # transformers 5.4 names them query/value, later q_proj/v_proj
     "mixtral": ["q_proj", "v_proj"],
     "qwen2_moe": ["q_proj", "v_proj"],
 }
@@ -181,8 +187,10 @@ class LoRA(PEFTMethod):
 
     def _check_target(self, name: str, layer: LoraLayer, r: int) -> None:
         kind = type(layer.base_layer).__name__
-        if self.use_dora and not isinstance(layer, LoraLinear):
-            raise ValueError(f"LoRA use_dora=True: DoRA supports Linear/Conv1D layers; {name} is {kind}.")
+        if self.use_dora and not isinstance(layer, (LoraLinear, LoraConv)):
+            raise ValueError(
+                f"LoRA use_dora=True: DoRA supports Linear, Conv1D and convolution layers; {name} is {kind}."
+            )
         init = self.init_lora_weights
         if rewrites_base_weight(init):
             what = init_display_name(init)
