@@ -10,6 +10,7 @@ from lightning.pytorch import LightningModule
 
 from lightning_peft.core.injection import clean_key, state_dict_key
 from lightning_peft.integrations.callback import PEFTCallback
+from lightning_peft.integrations.deepspeed import adapter_tensors_from_checkpoint
 
 
 def load_adapter_checkpoint(
@@ -24,8 +25,6 @@ def load_adapter_checkpoint(
         ValueError: the checkpoint holds tensors the module does not have, or of another shape.
     """
     if os.path.isdir(ckpt_path):  # a DeepSpeed checkpoint: per-rank fp32 partitions, merged here
-        from lightning_peft.integrations.deepspeed import adapter_tensors_from_checkpoint
-
         checkpoint = {"state_dict": adapter_tensors_from_checkpoint(ckpt_path)}
     else:
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
