@@ -29,7 +29,7 @@ from torch import nn
 
 from lightning_peft.core.adapter_layer import AdapterLayer, adapter_dtype, adapter_layers
 from lightning_peft.core.contract import PEFTMethod, register_method
-from lightning_peft.core.targeting import find_targets, replace_module
+from lightning_peft.core.targeting import find_targets, name_matches, replace_module
 
 #: The adapter_config.json key whose settings lightning-peft keeps in the weights file's metadata instead (see
 #: lightning_peft.formats.peft_directory.OWN_SETTINGS_KEY).
@@ -229,6 +229,17 @@ class TrainableTokens(PEFTMethod):
 
     def inject_layers(self, model: nn.Module, adapter_name: str) -> None:
         groups = self._tied_groups(model, self._targets(model))
+        saved = [
+            n
+            for group in groups
+            for n, _ in group[1:]
+            if self.modules_to_save and name_matches(n, self.modules_to_save)
+        ]
+        if saved:
+            raise ValueError(
+                f"TrainableTokens: {saved[0]} is in modules_to_save but shares its weight with a target, whose chosen "
+                "rows it follows; a full trained copy would untie it. Leave it out of modules_to_save."
+            )
         sizes = {name: _rows(_base(module)) for group in groups for name, module in group}
         self._check_rows(sizes)
         for (name, module), *followers in groups:

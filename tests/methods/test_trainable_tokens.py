@@ -195,6 +195,8 @@ def test_bad_targets_are_refused_at_injection() -> None:
         inject(tiny_llama(), TrainableTokens(token_indices=[1], target_modules=["input_layernorm"]))
     with checks.raises(ValueError, "expects 100 embedding rows"):
         inject(tiny_llama(), TrainableTokens(token_indices=[1], num_embeddings=100))
+    with checks.raises(ValueError, "lm_head is in modules_to_save but shares its weight"):
+        inject(tiny_llama_tied(), TrainableTokens(token_indices=[1], modules_to_save=["lm_head"]))
     # A tied head already wrapped by another adapter could not follow the rows.
     model = inject(tiny_llama_tied(), LoRA(target_modules=["lm_head"]), "lora")
     with checks.raises(ValueError, r"lm_head shares its weight with a target but is already wrapped"):
@@ -268,3 +270,14 @@ def test_resized_vocabulary_loads_in_peft(tmp_path: Path) -> None:
     theirs = peft.PeftModel.from_pretrained(_resized(seed=2), tmp_path)
     with torch.no_grad():
         assert _max_diff(theirs(input_ids=ids).logits, ours(input_ids=ids).logits) < 1e-5
+
+
+def test_half_precision_base_gets_fp32_rows_and_finite_outputs() -> None:
+    model = inject(tiny_llama_tied().to(torch.bfloat16), TrainableTokens(token_indices=TOKENS))
+    rows = model.get_input_embeddings().trainable_tokens_delta["default"]
+    assert rows.dtype == torch.float32  # as peft's autocast_adapter_dtype
+    assert torch.equal(rows, model.get_input_embeddings().weight[TOKENS].float())
+    out = checks.logits(model)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    out.float().square().mean().backward()
+    assert rows.grad is not None and torch.isfinite(rows.grad).all() and rows.grad[0].abs().sum() > 0
