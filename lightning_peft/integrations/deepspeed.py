@@ -170,17 +170,15 @@ class PEFTDeepSpeedStrategy(DeepSpeedStrategy):
       compiles it with g++ when the first process group is created (35-75 s here), and a PEFT run all-reduces
       only adapter gradients, which gloo handles in milliseconds.
 
-    * ZeRO-3: ``configure_model`` builds ordinary parameters unless ``zero_init=True``; the engine partitions them
-      when it is built. Lightning runs ``configure_model`` under ``deepspeed.zero.Init``, which partitions every
-      parameter as it is created, and ``transformers``' ``from_pretrained`` then fails there (its weight
-      initialisation indexes empty partitions) or would load into them. ``zero_init=True`` keeps Lightning's
-      behaviour, for models of plain modules too large to build whole in one process.
+    * ZeRO-3: ``configure_model`` builds ordinary parameters (the engine partitions them when it is built), not
+      under Lightning's ``deepspeed.zero.Init``: injection reads the base layers' weight shapes, which are empty
+      partitions there, and ``transformers``' ``from_pretrained`` fails there (its weight initialisation indexes
+      them). Each process therefore holds the whole base model once, before the engine partitions it.
 
     Args:
         *args: Passed to ``DeepSpeedStrategy``.
         exclude_frozen_parameters: Leave frozen tensors out of checkpoints.
         cpu_shm_comm: On the CPU, let DeepSpeed build and use its shared-memory communicator.
-        zero_init: ZeRO-3: build the model in ``configure_model`` under ``deepspeed.zero.Init`` (Lightning's way).
         **kwargs: Passed to ``DeepSpeedStrategy``.
     """
 
@@ -189,21 +187,15 @@ class PEFTDeepSpeedStrategy(DeepSpeedStrategy):
         *args: Any,
         exclude_frozen_parameters: bool = True,
         cpu_shm_comm: bool = False,
-        zero_init: bool = False,
         **kwargs: Any,
     ) -> None:
         if not supports_exclude_frozen_parameters():
             raise RuntimeError(_NEEDS_LIGHTNING)
         super().__init__(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
         self.cpu_shm_comm = cpu_shm_comm
-        self.zero_init = zero_init
 
     @contextmanager
     def model_sharded_context(self) -> Generator[None, None, None]:
-        if self.zero_init:
-            with super().model_sharded_context():
-                yield
-            return
         self._init_config_if_needed()
         yield
 
