@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.core.adapter_layer import AdapterLayer, adapter_dtype, adapter_layers
+from lightning_peft.core.adapter_layer import PEFT_PREFIX, AdapterLayer, adapter_dtype, adapter_layers
 from lightning_peft.core.contract import PEFTMethod, register_method
 from lightning_peft.core.targeting import find_targets, name_matches, replace_module
 
@@ -373,3 +373,67 @@ class TrainableTokens(PEFTMethod):
 
 def _base(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, TrainableTokensLayer) else module
+
+
+# --- LoRA's ``trainable_token_indices`` (peft's option: token rows trained beside a LoRA adapter) ------------------
+#: The segment peft's LoRA files put between an embedding's path and its rows (its wrapper's ``token_adapter``).
+LORA_TOKEN_SEGMENT = "token_adapter."
+
+
+def methods_for_lora_option(
+    trainable_token_indices: list[int] | dict[str, list[int]],
+) -> list[TrainableTokens]:
+    """The :class:`TrainableTokens` that LoRA's ``trainable_token_indices`` describes, as peft reads it: a list
+    trains those rows of the input embedding, a dict ``{module name: indices}`` those of each named module."""
+    if isinstance(trainable_token_indices, dict):
+        return [
+            TrainableTokens(token_indices=list(v), target_modules=[k])
+            for k, v in trainable_token_indices.items()
+        ]
+    return [TrainableTokens(token_indices=list(trainable_token_indices))]
+
+
+def to_lora_layout(
+    model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """File tensors (peft keys) with the token rows as peft's LoRA files hold them: under ``<module>.token_adapter.``
+    and only for the trained layers (a LoRA file leaves out the tied head's copy, which peft ties again on load)."""
+    leaders, followers = _token_layers(model, adapter_name)
+    out = dict(tensors)
+    for name in followers:
+        out.pop(f"{PEFT_PREFIX}{name}.trainable_tokens_delta", None)
+    for name in leaders:
+        key = f"{PEFT_PREFIX}{name}.trainable_tokens_delta"
+        if key in out:
+            out[f"{PEFT_PREFIX}{name}.{LORA_TOKEN_SEGMENT}trainable_tokens_delta"] = out.pop(key)
+    return out
+
+
+def from_lora_layout(
+    model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`to_lora_layout`, after injection: the tied heads get their trained layer's rows back."""
+    leaders, followers = _token_layers(model, adapter_name)
+    out = dict(tensors)
+    for name in leaders:
+        key = f"{PEFT_PREFIX}{name}.{LORA_TOKEN_SEGMENT}trainable_tokens_delta"
+        if key in out:
+            out[f"{PEFT_PREFIX}{name}.trainable_tokens_delta"] = out.pop(key)
+    for name, leader in followers.items():
+        source = out.get(f"{PEFT_PREFIX}{leader}.trainable_tokens_delta")
+        if source is not None:
+            out[f"{PEFT_PREFIX}{name}.trainable_tokens_delta"] = source
+    return out
+
+
+def _token_layers(model: nn.Module, adapter_name: str) -> tuple[list[str], dict[str, str]]:
+    """The trained token layers' names, and each tied head's name with the name of the layer it follows."""
+    layers = {
+        n: m
+        for n, m in adapter_layers(model)
+        if isinstance(m, TrainableTokensLayer) and adapter_name in m.token_indices
+    }
+    names = {id(m): n for n, m in layers.items()}
+    leaders = [n for n, m in layers.items() if m.tied_to is None]
+    followers = {n: names[id(m.tied_to)] for n, m in layers.items() if m.tied_to is not None}
+    return leaders, followers

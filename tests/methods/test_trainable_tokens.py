@@ -281,3 +281,42 @@ def test_half_precision_base_gets_fp32_rows_and_finite_outputs() -> None:
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     out.float().square().mean().backward()
     assert rows.grad is not None and torch.isfinite(rows.grad).all() and rows.grad[0].abs().sum() > 0
+
+
+# --- helpers for LoRA's trainable_token_indices (peft's LoRA file layout) ------------------------------------------
+@pytest.mark.parametrize("option", [[3, 7], {"embed_tokens": [3, 7]}], ids=["list", "dict"])
+@pytest.mark.parametrize("build", [tiny_llama, tiny_llama_tied], ids=["untied", "tied"])
+def test_lora_layout_matches_peft_lora_files(
+    build: Callable[[], nn.Module], option: Any, tmp_path: Path
+) -> None:
+    from lightning_peft.core.adapter_layer import to_peft_key
+    from lightning_peft.methods.trainable_tokens import (
+        from_lora_layout,
+        methods_for_lora_option,
+        to_lora_layout,
+    )
+
+    peft = pytest.importorskip("peft")
+    reference = peft.get_peft_model(
+        build(), peft.LoraConfig(target_modules=["q_proj"], trainable_token_indices=option)
+    )
+    checks.randomise(reference)
+    reference.save_pretrained(tmp_path)
+    theirs = {k: v for k, v in load_file(tmp_path / "adapter_model.safetensors").items() if "lora_" not in k}
+    (method,) = methods_for_lora_option(option)
+    ours = inject(build(), method)
+    tensors = {to_peft_key(k, "default"): v for k, v in adapter_state_dict(ours).items()}
+    assert {k: v.shape for k, v in to_lora_layout(ours, "default", tensors).items()} == {
+        k: v.shape for k, v in theirs.items()
+    }
+    loaded = from_lora_layout(ours, "default", theirs)
+    assert set(loaded) == set(tensors)  # the tied head's key too
+    ours.load_state_dict({k.removeprefix("base_model.model.").replace("_delta", "_delta.default"): v
+                          for k, v in loaded.items()}, strict=False)  # fmt: skip
+    with torch.no_grad():  # LoRA's B zeroed: peft's model is then the base with the token rows alone
+        for name, param in reference.named_parameters():
+            if "lora_B" in name:
+                param.zero_()
+        assert _max_diff(checks.logits(ours), checks.logits(reference)) < 1e-5
+    rows = ours.get_input_embeddings().trainable_tokens_delta["default"]
+    assert torch.equal(rows, next(iter(theirs.values())))
