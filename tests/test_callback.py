@@ -446,3 +446,27 @@ def test_inject_directly_then_callback_with_same_method_is_a_no_op(tmp_path):
     other = LoRA(r=4, target_modules=["q_proj"])
     with pytest.raises(ValueError, match="already injected"):
         make_trainer(tmp_path, [PEFTCallback(other, target="model")], max_steps=1).fit(module, token_loader())
+
+
+def test_save_checkpoint_after_fit_is_adapter_only_and_loads_back(tmp_path):
+    """After fit, teardown has given the module its own on_save_checkpoint back; the callback's hook still filters."""
+    module = CausalLM()
+    callback = PEFTCallback(QV, target="model")
+    trainer = make_trainer(tmp_path, [callback], max_steps=2)
+    trainer.fit(module, token_loader())
+    assert "on_save_checkpoint" not in vars(module)
+    trainer.save_checkpoint(tmp_path / "after_fit.ckpt")
+    saved = torch.load(tmp_path / "after_fit.ckpt", weights_only=True)
+    assert set(saved["state_dict"]) == {f"model.{k}" for k in lora_keys(module.model)}
+    assert saved["lightning_peft"]["adapter_keys"] == list(saved["state_dict"])
+    (opt_state,) = saved["optimizer_states"]
+    assert len(opt_state["state"]) == len(saved["state_dict"])
+
+
+def test_save_checkpoint_after_merge_on_fit_end_is_the_full_merged_model(tmp_path):
+    module = CausalLM()
+    trainer = make_trainer(tmp_path, [PEFTCallback(QV, target="model", merge_on_fit_end=True)], max_steps=2)
+    trainer.fit(module, token_loader())
+    trainer.save_checkpoint(tmp_path / "merged.ckpt")
+    saved = torch.load(tmp_path / "merged.ckpt", weights_only=True)
+    assert set(saved["state_dict"]) == set(module.state_dict())

@@ -34,7 +34,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_peft.core.adapter_layer import ModulesToSave
+from lightning_peft.core.adapter_layer import ModulesToSave, adapter_layers
 from lightning_peft.core.contract import PEFTMethod, method_class
 from lightning_peft.core.injection import (
     adapter_state_keys,
@@ -504,6 +504,21 @@ class PEFTCallback(Callback):
         self.method.on_optimizer_step(
             self.target_module(pl_module), self.adapter_name, trainer.global_step, total_steps
         )
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict
+    ) -> None:
+        """``trainer.save_checkpoint`` outside a run (after ``fit``, when teardown has given the module its own
+        ``on_save_checkpoint`` back): the same adapter-only filter. During a run the wrapped module hook does it (it
+        also runs for weights-only checkpoints, which skip callback hooks); after ``merge_on_fit_end`` the
+        checkpoint is the merged model's, in full."""
+        if getattr(pl_module.__dict__.get("on_save_checkpoint"), _OWNER, None) is self:
+            return
+        target = self.target_module(pl_module)
+        layers = [layer for _, layer in adapter_layers(target)]
+        if not layers or any(self.adapter_name in layer.merged_adapters for layer in layers):
+            return  # not injected (yet), or merged into the base weights: the full model is the checkpoint
+        self._on_save_checkpoint(pl_module, lambda _: None, checkpoint)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.merge_on_fit_end:
