@@ -41,6 +41,7 @@ from lightning_peft.methods import (
     PTuning,
     PTuningV2,
     QLoRA,
+    TrainableTokens,
     UniPELT,
 )
 from lightning_peft.methods.adapter import LAYOUTS
@@ -449,6 +450,7 @@ METHODS: dict[str, Callable[[Family], PEFTMethod]] = {
         modules_to_save=f.head,
         feed_forward_modules=_adapter_modules(f, parallel=True).get("feed_forward_modules"),
     ),
+    "TrainableTokens": lambda f: TrainableTokens(token_indices=[3, 5, 7], modules_to_save=f.head),
     "UniPELT": lambda f: UniPELT(
         lora_r=4,
         prefix_length=N,
@@ -463,7 +465,7 @@ METHODS: dict[str, Callable[[Family], PEFTMethod]] = {
 #: Families whose cells are also compared with Hugging Face peft in both directions (the whole matrix would take
 #: too long; Llama, GPT-2 and BERT are in tests/test_peft_parity_matrix.py).
 PARITY_FAMILIES = ("Qwen3", "OPT", "RoBERTa", "BART")
-PEFT_TYPES = {"LORA", "ADALORA", "IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"}
+PEFT_TYPES = {"LORA", "ADALORA", "IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "TRAINABLE_TOKENS"}
 
 # --- the expected outcome of every cell ---------------------------------------------------------------------------
 # "ok", or a substring of the refusal's message (the reason, as the README footnote states it).
@@ -505,6 +507,12 @@ NO_TOKEN_TABLE = Refusal(
     "the input is image patches: no token table to prepend virtual tokens from",
 )
 NO_TOKENS = Refusal("needs a model that exposes its token embedding", "no token embedding (a CNN)")
+NO_EMBED_TOKENS = Refusal(
+    "matched no module", "no token embedding (a CNN): nothing to name in target_modules"
+)
+PATCHES = Refusal(
+    "trains rows of a token embedding table", "the input is image patches: no token table to train rows of"
+)
 LINEAR_ONLY = Refusal(
     "selects modules of an unsupported type",
     "AdaLoRA's SVD-form update is defined for linear layers (as in peft)",
@@ -536,6 +544,7 @@ _REFUSED: dict[str, dict[str, Refusal]] = {
         "PromptTuning": NO_TOKEN_TABLE,
         "PTuning": NO_TOKEN_TABLE,
         **dict.fromkeys(PREFIX_METHODS, NO_CACHE),
+        "TrainableTokens": PATCHES,
     },
     "ResNet": {
         "QLoRA": NO_QUANTIZABLE,
@@ -544,6 +553,7 @@ _REFUSED: dict[str, dict[str, Refusal]] = {
         "Adapter": NO_LAYOUT,
         "Adapter (parallel)": NO_LAYOUT,
         "UniPELT": Refusal("gates LoRA on linear layers", "UniPELT's gated LoRA needs linear layers"),
+        "TrainableTokens": NO_EMBED_TOKENS,
     },
     "Mixtral": {"BitFit": NO_BIAS},
 }

@@ -257,7 +257,19 @@ class TrainableTokens(PEFTMethod):
         spec = self.target_modules
         if spec is None:
             get_input = getattr(model, "get_input_embeddings", None)
-            embedding = get_input() if callable(get_input) else None
+            try:
+                embedding = get_input() if callable(get_input) else None
+            except NotImplementedError:  # transformers models without a token input (CNNs)
+                embedding = None
+            table = embedding
+            while isinstance(table, AdapterLayer):  # another method's wrapper (prompt tuning's VirtualTokens)
+                table = table.base_layer
+            if embedding is not None and not isinstance(table, nn.Embedding):
+                raise ValueError(
+                    f"TrainableTokens trains rows of a token embedding table, but {type(model).__name__}'s input "
+                    f"embedding is {type(table).__name__} (image patches or other non-token input). "
+                    "Name an nn.Embedding in target_modules, or use LoRA for this model."
+                )
             names = [n for n, m in model.named_modules() if embedding is not None and m is embedding]
             spec = names[:1] or ["embed_tokens"]
         targets = find_targets(
