@@ -5,7 +5,8 @@ Two tasks, one file layout (formats in :mod:`lightning_peft.app.data_files`: ``.
 
 * :class:`TextClassificationDataModule`: a ``text`` and a ``label`` column. Labels are class ids
   (``0 .. num_labels-1``) or, when the model has ``label_names``, those names.
-* :class:`SFTDataModule`: a ``prompt`` and a ``response`` column (predict needs only ``prompt``).
+* :class:`SFTDataModule`: a ``prompt`` and a ``response`` column (predict needs only ``prompt``), for a causal LM;
+  :class:`Seq2SeqDataModule`: the same files for an encoder-decoder (prompt -> encoder, response -> labels).
 
 When no ``val_file`` is given, a seeded ``val_fraction`` of the training file becomes the validation split.
 Files are read and checked in ``setup``, before the model is built and before any training step: a missing
@@ -17,7 +18,7 @@ Embedded data (so the quickstart runs offline):
   food, films, books, products, travel and services) written for this project and labelled 1 (positive)
   or 0 (negative); each split is balanced.
 * ``lightning_peft/app/data/sft_sample.jsonl``: 48 prompt/response pairs written for this project (short
-  instructions: arithmetic, rewriting, lists, facts) for the SFT example config.
+  instructions: arithmetic, rewriting, lists, facts) for the SFT and seq2seq example configs.
 """
 
 from __future__ import annotations
@@ -455,21 +456,127 @@ class SFTDataModule(FileDataModule):
         return pad if pad is not None else self.tokenizer.eos_token_id
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        width = max(len(e["input_ids"]) for e in examples)
-        pad = self._pad_id()
+        ids = [e["input_ids"] for e in examples]
         if "labels" not in examples[0]:  # predict: left padding, so every prompt ends where generation starts
-            ids = [[pad] * (width - len(e["input_ids"])) + e["input_ids"] for e in examples]
-            mask = [[0] * (width - len(e["input_ids"])) + [1] * len(e["input_ids"]) for e in examples]
             return {
-                "input_ids": torch.tensor(ids),  # (B, T)
-                "attention_mask": torch.tensor(mask),  # (B, T)
+                "input_ids": pad_sequences(ids, self._pad_id(), left=True),  # (B, T)
+                "attention_mask": pad_sequences([[1] * len(i) for i in ids], 0, left=True),  # (B, T)
                 "prompt": [e["prompt"] for e in examples],
             }
-        ids = [e["input_ids"] + [pad] * (width - len(e["input_ids"])) for e in examples]
-        mask = [[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in examples]
-        labels = [e["labels"] + [IGNORE_INDEX] * (width - len(e["labels"])) for e in examples]
         return {
-            "input_ids": torch.tensor(ids),  # (B, T)
-            "attention_mask": torch.tensor(mask),  # (B, T)
-            "labels": torch.tensor(labels),  # (B, T), -100 on prompt and padding
+            "input_ids": pad_sequences(ids, self._pad_id()),  # (B, T)
+            "attention_mask": pad_sequences([[1] * len(i) for i in ids], 0),  # (B, T)
+            "labels": pad_sequences(
+                [e["labels"] for e in examples], IGNORE_INDEX
+            ),  # (B, T), -100 on prompt, padding
         }
+
+
+def pad_sequences(sequences: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    """``(B, T)`` tensor of the sequences padded with ``value`` to the longest (``T``), on the right or the left."""
+    width = max(len(s) for s in sequences)
+    return torch.tensor(
+        [[value] * (width - len(s)) + s if left else s + [value] * (width - len(s)) for s in sequences]
+    )
+
+
+def encode_seq2seq_example(
+    tokenizer: Any, prompt: str, response: str | None, max_length: int
+) -> tuple[list[int], list[int] | None]:
+    """``(input_ids, labels)`` of one pair for an encoder-decoder: the prompt with the tokenizer's own special
+    tokens (T5: ``... </s>``, BART: ``<s> ... </s>``, byte-level: none) as the encoder's input, and the response's
+    ids ending with EOS (so the model learns to stop) as labels, each truncated to ``max_length`` tokens (from the
+    right, EOS kept). ``response=None`` (predict): labels ``None``.
+    """
+    input_ids = tokenizer(prompt, truncation=True, max_length=max_length)["input_ids"]
+    if response is None:
+        return input_ids, None
+    labels = tokenizer(response, truncation=True, max_length=max_length)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is not None and labels[-1:] != [eos]:
+        labels = [*labels[: max_length - 1], eos]
+    return input_ids, labels
+
+
+class Seq2SeqDataModule(SFTDataModule):
+    """Prompt/response pairs for an encoder-decoder (:class:`~lightning_peft.app.tasks.Seq2SeqLMModule`): the
+    files, columns, splits and embedded sample of :class:`SFTDataModule`, encoded as seq2seq examples.
+
+    The prompt becomes the encoder's ``input_ids`` (with the tokenizer's own special tokens, no chat template)
+    and the response the ``labels`` (its ids and EOS), each truncated to ``max_length`` tokens (see
+    :func:`encode_seq2seq_example`). Batches are right-padded: ``input_ids`` with the pad token (masked by
+    ``attention_mask``), ``labels`` with -100, so the loss covers every response token and no padding.
+    ``predict`` batches hold the prompts only.
+
+    Args:
+        train_file: ``.jsonl``/``.json``/``.csv``/``.tsv`` with a prompt and a response column; ``None`` uses the
+            embedded 48-pair sample (``lightning_peft/app/data/sft_sample.jsonl``).
+        val_file: Same format; ``None`` splits ``val_fraction`` off ``train_file``.
+        test_file: Same format, for ``test``.
+        predict_file: Prompts to answer (``.txt``: one prompt per line); ``None`` uses the test split, else the
+            validation split.
+        prompt_column: Name of the prompt column.
+        response_column: Name of the response column.
+        val_fraction: Share of ``train_file`` held out for validation when there is no ``val_file``.
+        split_seed: Seed of that split.
+        tokenizer_name_or_path: Tokenizer folder, hub name or ``"byte-level"``; ``None`` takes the
+            LightningModule's tokenizer.
+        max_length: Longest prompt and longest response in tokens (each); ``None`` takes the LightningModule's
+            ``max_length``, else 512.
+        batch_size: Pairs per batch.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        train_file: str | None = None,
+        val_file: str | None = None,
+        test_file: str | None = None,
+        predict_file: str | None = None,
+        prompt_column: str = "prompt",
+        response_column: str = "response",
+        val_fraction: float = 0.1,
+        split_seed: int = 42,
+        tokenizer_name_or_path: str | None = None,
+        max_length: int | None = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(
+            train_file, val_file, test_file, predict_file, prompt_column, response_column, False, None,
+            val_fraction, split_seed, tokenizer_name_or_path, max_length, batch_size, num_workers,
+        )  # fmt: skip
+
+    def examples(self, records: list[Record], path: Path, split: str) -> list[dict[str, Any]]:
+        examples = []
+        for line, record in records:
+            prompt, *response = string_values(path, line, record, self.required_columns(split))
+            input_ids, labels = encode_seq2seq_example(
+                self.tokenizer, prompt, response[0] if response else None, self.max_length
+            )
+            if labels is None:
+                examples.append({"prompt": prompt, "input_ids": input_ids})
+            elif not labels:
+                raise DataFileError(
+                    f"{path}, line {line}: the response has no tokens and the tokenizer no EOS token to learn to "
+                    "stop from; give a non-empty response or a tokenizer with an eos_token."
+                )
+            else:
+                examples.append({"input_ids": input_ids, "labels": labels})
+        if not examples:
+            raise DataFileError(f"{path}: no pair for the {split!r} split.")
+        return examples
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        ids = [e["input_ids"] for e in examples]
+        batch = {
+            "input_ids": pad_sequences(ids, self._pad_id()),  # (B, T): the prompts, the encoder's input
+            "attention_mask": pad_sequences([[1] * len(i) for i in ids], 0),  # (B, T)
+        }
+        if "labels" in examples[0]:
+            batch["labels"] = pad_sequences(
+                [e["labels"] for e in examples], IGNORE_INDEX
+            )  # (B, L), -100: padding
+        else:  # predict
+            batch["prompt"] = [e["prompt"] for e in examples]
+        return batch

@@ -4,10 +4,10 @@ They are ordinary LightningModules with no PEFT logic at all: :class:`~lightning
 adds the adapters, freezes the rest and restricts the optimizer. Any other LightningModule works
 the same way with the CLI (``model: {class_path: my_package.MyModule}``).
 
-Both wrap a ``transformers`` model that is either loaded with ``from_pretrained`` (a local folder or a
-hub name) or built with random weights from a config dict (``model_config``, the content of a
-``config.json``), which is how tests and the CPU example configs get a tiny Llama without downloading
-anything.
+Each wraps a ``transformers`` model (a sequence classifier, a causal LM, an encoder-decoder) that is either loaded
+with ``from_pretrained`` (a local folder or a hub name) or built with random weights from a config dict
+(``model_config``, the content of a ``config.json``), which is how tests and the CPU example configs get a tiny
+Llama or T5 without downloading anything.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     PretrainedConfig,
     PreTrainedModel,
@@ -61,7 +62,7 @@ def resolve_model_path(model_name_or_path: str | None) -> str:
 
 
 class TransformersModule(LightningModule):
-    """What both ready modules share: building the model, its tokenizer, dtype, checkpointing, AdamW.
+    """What the ready modules share: building the model, its tokenizer, dtype, checkpointing, AdamW.
 
     The transformer is built in :meth:`configure_model`, the hook Lightning runs inside the strategy's
     and precision plugin's init contexts (target device, dtype), just before PEFTCallback injects. The
@@ -351,7 +352,95 @@ class SequenceClassificationModule(TransformersModule):
         ]
 
 
-class CausalLMModule(TransformersModule):
+class PromptResponseModule(TransformersModule):
+    """What the prompt -> response modules share: the loss over the response tokens (the data module sets every
+    other label to -100), ``{train,val,test}_loss``, and greedy generation of the responses in ``predict``.
+
+    Subclasses say which part of ``generate()``'s output is the response (:meth:`response_ids`); the loss is the
+    model's own (from ``labels``) unless they override :meth:`loss`.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | None,
+        model_config: dict[str, Any] | None,
+        tokenizer_name_or_path: str | None,
+        init_seed: int,
+        dtype: str | None,
+        gradient_checkpointing: bool,
+        max_length: int,
+        max_new_tokens: int,
+        lr: float,
+        weight_decay: float,
+    ) -> None:
+        if model_name_or_path is None and model_config is None:
+            raise ValueError(
+                f"{type(self).__name__} needs model_name_or_path (a local Hugging Face folder or hub name) or "
+                "model_config (a config.json-style dict with model_type, for random weights)."
+            )
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be a positive number of tokens.")
+        super().__init__(
+            model_name_or_path, model_config, tokenizer_name_or_path, init_seed, dtype,
+            gradient_checkpointing, max_length, lr, weight_decay,
+        )  # fmt: skip
+        self.max_new_tokens = max_new_tokens
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> Any:
+        return self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            labels=batch.get("labels"),
+        )
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model's own mean cross-entropy over the tokens whose label is not -100 (the responses)."""
+        return self(batch).loss
+
+    def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        loss = self.loss(batch)  # mean over the tokens whose label is not -100: the responses
+        batch_size = batch["input_ids"].shape[0]
+        self.log(
+            f"{stage}_loss",
+            loss,
+            prog_bar=True,
+            on_step=stage == "train",
+            on_epoch=True,
+            batch_size=batch_size,
+        )
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def response_ids(self, generated: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The response part of ``generate()``'s output ``(B, L)`` for the prompts ``input_ids`` ``(B, T)``."""
+        raise NotImplementedError
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
+        tokenizer = self.tokenizer
+        input_ids = batch["input_ids"]  # (B, T)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        generated = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=pad_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        responses = tokenizer.batch_decode(self.response_ids(generated, input_ids), skip_special_tokens=True)
+        return [{"prompt": p, "response": r} for p, r in zip(batch["prompt"], responses, strict=True)]
+
+
+class CausalLMModule(PromptResponseModule):
     """Supervised fine-tuning of a causal LM (``AutoModelForCausalLM``) on prompt/response pairs.
 
     The loss covers the response tokens only: the data module
@@ -413,26 +502,13 @@ class CausalLMModule(TransformersModule):
             raise ValueError(
                 f"loss_chunk_size={loss_chunk_size} must be a positive number of tokens, or null."
             )
-        if model_name_or_path is None and model_config is None:
-            raise ValueError(
-                "CausalLMModule needs model_name_or_path (a local Hugging Face folder or hub name) or model_config "
-                "(a config.json-style dict with model_type, for random weights)."
-            )
         super().__init__(
             model_name_or_path, model_config, tokenizer_name_or_path, init_seed, dtype,
-            gradient_checkpointing, max_length, lr, weight_decay,
+            gradient_checkpointing, max_length, max_new_tokens, lr, weight_decay,
         )  # fmt: skip
         self.save_hyperparameters()
-        self.max_new_tokens = max_new_tokens
         self.loss_chunk_size = loss_chunk_size
         self._head_checked = False
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> Any:
-        return self.model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch.get("attention_mask"),
-            labels=batch.get("labels"),
-        )
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean shifted cross-entropy over the tokens whose label is not -100 (the responses)."""
@@ -449,43 +525,95 @@ class CausalLMModule(TransformersModule):
         head = self.model.get_output_embeddings()
         return chunked_causal_lm_loss(output.hidden_states[-1], batch["labels"], head, self.loss_chunk_size)
 
-    def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        loss = self.loss(batch)  # mean over the tokens whose label is not -100: the responses
-        batch_size = batch["input_ids"].shape[0]
-        self.log(
-            f"{stage}_loss",
-            loss,
-            prog_bar=True,
-            on_step=stage == "train",
-            on_epoch=True,
-            batch_size=batch_size,
+    def response_ids(self, generated: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        # Prompts are left-padded, so each ends at column T: the response is what generate() appended.
+        return generated[:, input_ids.shape[1] :]  # (B, T + new) -> (B, new)
+
+
+class Seq2SeqLMModule(PromptResponseModule):
+    """Fine-tune an encoder-decoder (``AutoModelForSeq2SeqLM``: T5, mT5, BART, ...) on prompt/response pairs.
+
+    The prompt is the encoder's input and the response the decoder's target: the data module
+    (:class:`~lightning_peft.app.datamodules.Seq2SeqDataModule`) gives ``input_ids``/``attention_mask`` of the
+    prompts and ``labels`` = the response token ids (ending with EOS) with -100 on padding; the model shifts the
+    labels right behind ``decoder_start_token_id`` for its decoder input and takes the mean cross-entropy over
+    the labels that are not -100. ``predict`` generates a response per prompt, greedily, up to
+    ``max_new_tokens``, and returns rows ``{"prompt", "response"}``. Soft prompts (:class:`PromptTuning`,
+    :class:`PTuning`) go before the encoder's input, in training and in ``generate()``.
+
+    Example (a tiny T5 with random weights and the built-in byte-level tokenizer, nothing downloaded)::
+
+        module = Seq2SeqLMModule(
+            model_config={"model_type": "t5", "d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2,
+                          "num_heads": 4},
+            tokenizer_name_or_path="byte-level",
         )
-        return loss
+        trainer = L.Trainer(max_steps=20, callbacks=[PEFTCallback(LoRA(r=8), target="model")])
+        trainer.fit(module, Seq2SeqDataModule())
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train")
+    Args:
+        model_name_or_path: A Hugging Face encoder-decoder folder or hub name (``from_pretrained``).
+        model_config: Build the model with random weights from this ``config.json``-style dict instead (needs
+            ``model_type``, e.g. ``t5`` or ``bart``); ``vocab_size`` and the special token ids default to the
+            tokenizer's, and ``decoder_start_token_id`` to the pad token's (T5's convention).
+        tokenizer_name_or_path: Tokenizer folder, hub name or ``"byte-level"`` (built in, no download);
+            ``None`` takes ``model_name_or_path``.
+        init_seed: Seed of the random weights when built from ``model_config`` (the same base in every process,
+            which adapter-only checkpoints rely on).
+        dtype: Weight dtype at load time: ``float32``, ``bfloat16``, ``float16``, ``auto`` (the
+            checkpoint's); ``None`` leaves it to transformers and ``trainer.precision``.
+        gradient_checkpointing: Recompute activations in backward (less memory, ~30 % slower).
+        max_length: Longest prompt (encoder input) and longest response (labels) in tokens, each; the data
+            module truncates to it.
+        max_new_tokens: Longest generated response in ``predict``.
+        lr: Learning rate of the default AdamW (ignored when the CLI config has a top-level ``optimizer:``).
+        weight_decay: Weight decay of the default AdamW.
+    """
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "val")
+    auto_class = AutoModelForSeq2SeqLM
 
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "test")
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        model_config: dict[str, Any] | None = None,
+        tokenizer_name_or_path: str | None = None,
+        init_seed: int = 0,
+        dtype: str | None = None,
+        gradient_checkpointing: bool = False,
+        max_length: int = 512,
+        max_new_tokens: int = 64,
+        lr: float = 3e-4,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(
+            model_name_or_path, model_config, tokenizer_name_or_path, init_seed, dtype,
+            gradient_checkpointing, max_length, max_new_tokens, lr, weight_decay,
+        )  # fmt: skip
+        self.save_hyperparameters()
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
-        tokenizer = self.tokenizer
-        input_ids = batch["input_ids"]  # (B, T), left-padded so every prompt ends at column T
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        generated = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=batch["attention_mask"],
-            max_new_tokens=self.max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            pad_token_id=pad_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )  # (B, T + new)
-        responses = tokenizer.batch_decode(generated[:, input_ids.shape[1] :], skip_special_tokens=True)
-        return [{"prompt": p, "response": r} for p, r in zip(batch["prompt"], responses, strict=True)]
+    def build_config(self) -> PretrainedConfig:
+        config = super().build_config()
+        if not config.is_encoder_decoder:
+            raise ValueError(
+                f"Seq2SeqLMModule needs an encoder-decoder model_config (t5, mt5, bart, ...); model_type="
+                f"{config.model_type!r} is not one. For a decoder-only model use CausalLMModule."
+            )
+        if "decoder_start_token_id" not in self.model_config and config.pad_token_id is not None:
+            # The decoder's first input, a token it never has to predict: the pad token, as in T5.
+            config.decoder_start_token_id = config.pad_token_id
+        for forced, token in (
+            ("forced_bos_token_id", "bos_token_id"),
+            ("forced_eos_token_id", "eos_token_id"),
+        ):
+            # A config class's default (BART: forced_eos_token_id=2) is an id of its own vocabulary: with the
+            # tokenizer's vocabulary, generate() would force another token. Take the tokenizer's special token.
+            if forced not in self.model_config and getattr(config, forced, None) is not None:
+                setattr(config, forced, getattr(config, token))
+        return config
+
+    def response_ids(self, generated: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        # generate() returns the decoder's tokens, first the decoder_start_token_id it began from.
+        return generated[:, 1:]  # (B, 1 + new) -> (B, new)
 
 
 def chunked_causal_lm_loss(
