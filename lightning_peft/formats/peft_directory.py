@@ -147,7 +147,7 @@ PEFT_METADATA_KEYS = frozenset(
 PEFT_UNSUPPORTED_KEYS = frozenset(
     {
         "layers_to_transform", "layers_pattern", "layer_replication", "use_qalora", "alora_invocation_tokens",
-        "target_parameters", "trainable_token_indices", "use_bdlora", "megatron_config", "arrow_config",
+        "target_parameters", "use_bdlora", "megatron_config", "arrow_config",
         "monteclora_config", "velora_config", "kasa_config", "lora_bias",
     }
 )  # fmt: skip
@@ -159,7 +159,7 @@ PEFT_METHOD_KEYS = frozenset(
         "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step", "feedforward_modules",
         "init_ia3_weights", "num_virtual_tokens", "prompt_tuning_init", "encoder_hidden_size",
         "encoder_num_layers", "encoder_dropout", "encoder_reparameterization_type", "prefix_projection",
-        "init_weights", "methods",
+        "init_weights", "methods", "trainable_token_indices",
     }
 )  # fmt: skip
 

@@ -320,3 +320,59 @@ def test_lora_layout_matches_peft_lora_files(
         assert _max_diff(checks.logits(ours), checks.logits(reference)) < 1e-5
     rows = ours.get_input_embeddings().trainable_tokens_delta["default"]
     assert torch.equal(rows, next(iter(theirs.values())))
+
+
+# --- LoRA's trainable_token_indices: token rows beside a LoRA adapter, in peft's LoRA files -----------------------
+@pytest.mark.parametrize(
+    ("build", "option"),
+    [(tiny_llama, [3, 5, 9]), (tiny_llama_tied, [3, 5, 9]), (tiny_llama, {"embed_tokens": [4, 7]})],
+    ids=["untied_list", "tied_list", "dict"],
+)
+def test_lora_with_trainable_token_indices_trains_the_rows_and_loads_both_ways_with_peft(
+    build, option, tmp_path
+):
+    peft = pytest.importorskip("peft")
+    from lightning_peft import load_adapter, save_adapter
+    from lightning_peft.core.injection import adapter_state_keys
+
+    method = LoRA(r=4, alpha=8, target_modules=["q_proj", "v_proj"], trainable_token_indices=option)
+    ours = inject(build(), method)
+    rows = option if isinstance(option, list) else option["embed_tokens"]
+    trainable = {n: p.shape for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable["model.embed_tokens.trainable_tokens_delta.default"] == (len(rows), 64)
+    assert all(".lora_" in n or "trainable_tokens_delta" in n for n in trainable)
+    base_rows = build().model.embed_tokens.weight.detach()
+    checks.randomise(ours, scale=0.3)
+    ours.eval()
+    save_adapter(ours, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["trainable_token_indices"] == option
+    saved = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    token_keys = [k for k in saved if "trainable_tokens_delta" in k]
+    assert token_keys == ["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+    theirs = peft.PeftModel.from_pretrained(build(), tmp_path / "ours").eval()
+    with torch.no_grad():
+        expected = checks.logits(ours)
+        torch.testing.assert_close(checks.logits(theirs), expected, atol=1e-5, rtol=0)
+    # peft's own directory (its own random rows) loads here with peft's outputs
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], trainable_token_indices=option
+    )
+    reference = peft.get_peft_model(build(), config)
+    checks.randomise(reference, seed=7, scale=0.3)
+    reference.eval().save_pretrained(tmp_path / "theirs")
+    loaded = load_adapter(build(), tmp_path / "theirs").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(checks.logits(loaded), checks.logits(reference), atol=1e-5, rtol=0)
+    assert {k for k in adapter_state_keys(loaded) if "trainable_tokens" in k} >= {
+        "model.embed_tokens.trainable_tokens_delta.default"
+    }
+    # merging folds LoRA and the rows into the base weights; the other rows stay the base's
+    merged_out = checks.logits(ours)
+    from lightning_peft import merge
+
+    merge(ours)
+    torch.testing.assert_close(checks.logits(ours), merged_out, atol=1e-5, rtol=0)
+    other = [i for i in range(base_rows.shape[0]) if i not in rows]
+    weight = ours.model.embed_tokens.base_layer.weight
+    assert torch.equal(weight[other], base_rows[other]) and not torch.equal(weight[rows], base_rows[rows])

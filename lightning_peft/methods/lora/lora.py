@@ -22,6 +22,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+import torch
 from torch import nn
 
 from lightning_peft.core.adapter_layer import ModulesToSave
@@ -37,6 +38,12 @@ from lightning_peft.methods.lora.layers import (
     init_display_name,
     lora_layer_type,
     rewrites_base_weight,
+)
+from lightning_peft.methods.trainable_tokens import (
+    TrainableTokens,
+    from_lora_layout,
+    methods_for_lora_option,
+    to_lora_layout,
 )
 
 #: Default targets per transformers ``model_type`` when ``target_modules`` is not given (as in peft).
@@ -95,6 +102,8 @@ class LoRA(PEFTMethod):
             (random B: not a no-op; for tests).
         rank_pattern: ``{regex: r}`` per-module rank overrides (matched against the module name's tail).
         alpha_pattern: ``{regex: alpha}`` per-module alpha overrides.
+        trainable_token_indices: Embedding rows trained beside the adapter (peft's option): token ids of the input
+            embedding, or ``{module name: ids}``; only those rows are saved (a tied head follows them).
         modules_to_save: Modules trained in full (e.g. a new classification head).
     """
 
@@ -112,8 +121,11 @@ class LoRA(PEFTMethod):
     init_lora_weights: InitOption = True
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     def validate(self) -> None:
+        if self.trainable_token_indices is not None:
+            self._token_methods()  # each TrainableTokens validates its indices here, at construction
         for where, rank in [
             ("r", self.r),
             *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items()),
@@ -184,6 +196,24 @@ class LoRA(PEFTMethod):
             )
             if layer is not module:
                 replace_module(model, name, layer)
+        for tokens in self._token_methods():  # rows trained beside the LoRA layers, in the same adapter
+            tokens.inject_layers(model, adapter_name)
+
+    def _token_methods(self) -> list[TrainableTokens]:
+        """``trainable_token_indices`` as peft reads it: a list for the input embedding, or ``{module: ids}``."""
+        option = self.trainable_token_indices
+        return [] if option is None else methods_for_lora_option(option)
+
+    def to_peft_tensors(
+        self, model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Token rows as peft's LoRA files hold them (``<embedding>.token_adapter.``, no tied head copy)."""
+        return to_lora_layout(model, adapter_name, tensors) if self.trainable_token_indices else tensors
+
+    def from_peft_tensors(
+        self, model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        return from_lora_layout(model, adapter_name, tensors) if self.trainable_token_indices else tensors
 
     def _check_target(self, name: str, layer: LoraLayer, r: int) -> None:
         kind = type(layer.base_layer).__name__
@@ -256,6 +286,7 @@ class LoRA(PEFTMethod):
             "fan_in_fan_out": any(
                 getattr(m, "fan_in_fan_out", False) for n, m in model.named_modules() if n in targeted
             ),
+            "trainable_token_indices": self.trainable_token_indices,
         }
 
     @classmethod
@@ -278,6 +309,7 @@ class LoRA(PEFTMethod):
             init_lora_weights=config.get("init_lora_weights", True),
             rank_pattern=dict(config.get("rank_pattern") or {}),
             alpha_pattern=dict(config.get("alpha_pattern") or {}),
+            trainable_token_indices=config.get("trainable_token_indices"),
             modules_to_save=config.get("modules_to_save"),
         )
 
