@@ -10,10 +10,12 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_peft import PEFTCallback, count_parameters
+from lightning_peft import PEFTCallback, count_parameters, save_adapter
 from lightning_peft.app.datamodules import IGNORE_INDEX, Seq2SeqDataModule, encode_seq2seq_example
+from lightning_peft.app.generate import generate
 from lightning_peft.app.prediction_writer import PredictionWriter
 from lightning_peft.app.tasks import Seq2SeqLMModule
 from lightning_peft.app.tokenization import BYTE_LEVEL
@@ -235,6 +237,18 @@ def test_prompt_tuning_trains_the_encoder_prompts_and_predicts(tmp_path):
     # generate() runs the encoder by itself; the prompts are prepended there too.
     assert [row["response"] for row in rows] == [greedy(module, p, steps=8) for p, _ in PAIRS]
 
+    # Exported, the trained prompts load in peft on the same base and give the same loss and generate().
+    peft = pytest.importorskip("peft")
+    save_adapter(module.model, tmp_path / "adapter")
+    theirs = peft.PeftModel.from_pretrained(built().model, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        expected = theirs(**batch).loss
+    assert module.loss(batch).item() == pytest.approx(expected.item(), abs=1e-6)
+    prompts = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    options = {"max_new_tokens": 8, "do_sample": False, "num_beams": 1}
+    with torch.no_grad():
+        assert torch.equal(module.model.generate(**prompts, **options), theirs.generate(**prompts, **options))
+
 
 def test_bart_trains_and_predicts(tmp_path):
     module = seq2seq(BART, lr=1e-2)
@@ -258,3 +272,16 @@ def test_invalid_arguments_are_clear_errors():
         ValueError, match=r"model_type='llama' is not one\. For a decoder-only model use CausalLMModule"
     ):
         Seq2SeqLMModule(model_config=llama, tokenizer_name_or_path=BYTE_LEVEL).configure_model()
+
+
+def test_the_generate_command_answers_as_greedy_decoding_on_the_seq2seq_config(tmp_path):
+    config = Path(__file__).resolve().parents[1] / "configs" / "seq2seq_tiny_t5.yaml"
+    prompts = [p for p, _ in PAIRS[:2]]
+    answers = generate(
+        config, None, prompts, max_new_tokens=6, overrides=["--trainer.default_root_dir", str(tmp_path)]
+    )
+    # ckpt_path=None: the freshly injected LoRA (B = 0), i.e. the base T5 the config builds from init_seed.
+    model_args = yaml.safe_load(config.read_text())["model"]["init_args"]
+    base = Seq2SeqLMModule(**model_args)
+    base.configure_model()
+    assert answers == [greedy(base.eval(), p, steps=6) for p in prompts]

@@ -6,7 +6,8 @@ Usage::
 
 The YAML rebuilds the LightningModule and its adapter (as ``lightning-peft export`` does), the checkpoint
 supplies the adapter's weights, and each prompt is encoded as the config's data module encodes prompts (its chat
-template when it has one, else BOS + the prompt) and answered greedily, as ``predict`` does.
+template when it has one, else BOS + the prompt; for a seq2seq config, the prompt as the encoder's input) and
+answered greedily, as ``predict`` does.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from collections.abc import Sequence
 
 import torch
 
-from lightning_peft.app.datamodules import encode_prompt
+from lightning_peft.app.datamodules import encode_prompt, encode_seq2seq_example
 from lightning_peft.app.export import build_cli, config_parser, load_adapter_checkpoint
-from lightning_peft.app.tasks import CausalLMModule
+from lightning_peft.app.tasks import PromptResponseModule, Seq2SeqLMModule
 from lightning_peft.integrations.callback import PEFTCallback
 
 
@@ -34,15 +35,16 @@ def generate(
     (``ckpt_path=None``: the freshly injected adapter, i.e. the base model's own answers).
 
     Raises:
-        ValueError: the config's model is not a :class:`~lightning_peft.app.tasks.CausalLMModule`.
+        ValueError: the config's model is not a :class:`~lightning_peft.app.tasks.CausalLMModule` or
+            :class:`~lightning_peft.app.tasks.Seq2SeqLMModule`.
     """
     cli = build_cli(config, overrides)
     module = cli.model
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, PEFTCallback))
-    if not isinstance(module, CausalLMModule):
+    if not isinstance(module, PromptResponseModule):
         raise ValueError(
-            f"generate needs a causal LM config (model: lightning_peft.app.tasks.CausalLMModule, e.g. "
-            f"configs/sft_tiny_llama.yaml); {config} builds a {type(module).__name__}."
+            f"generate needs a causal LM or seq2seq config (model: lightning_peft.app.tasks.CausalLMModule or "
+            f"Seq2SeqLMModule, e.g. configs/sft_tiny_llama.yaml); {config} builds a {type(module).__name__}."
         )
     if ckpt_path is not None:
         load_adapter_checkpoint(module, callback, ckpt_path)
@@ -57,7 +59,11 @@ def generate(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     responses = []
     for prompt in prompts:
-        input_ids = torch.tensor([encode_prompt(tokenizer, prompt, use_chat_template)], device=module.device)
+        if isinstance(module, Seq2SeqLMModule):  # the encoder's input, as Seq2SeqDataModule encodes it
+            ids = encode_seq2seq_example(tokenizer, prompt, None, module.max_length)[0]
+        else:
+            ids = encode_prompt(tokenizer, prompt, use_chat_template)
+        input_ids = torch.tensor([ids], device=module.device)
         generated = module.model.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
@@ -67,7 +73,9 @@ def generate(
             pad_token_id=pad_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-        responses.append(tokenizer.decode(generated[0, input_ids.shape[1] :], skip_special_tokens=True))
+        responses.append(
+            tokenizer.decode(module.response_ids(generated, input_ids)[0], skip_special_tokens=True)
+        )
     return responses
 
 
