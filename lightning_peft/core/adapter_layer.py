@@ -84,6 +84,10 @@ class AdapterLayer(nn.Module):
         """Mixed batch: row ``i`` with adapter ``row_adapters[i]`` (``None``: the base); see ``supports_mixed_batch``."""
         raise NotImplementedError(f"{type(self).__name__} cannot pick an adapter per batch row.")
 
+    def check_rows(self, row_adapters: list[str | None]) -> None:
+        """Refuse, with the reason, per-row adapters this layer cannot serve together (checked on entering
+        :func:`lightning_peft.mixed_batch`); any combination by default."""
+
     # --- the forward rules, once --------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.disabled:

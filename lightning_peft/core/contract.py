@@ -83,6 +83,8 @@ class PEFTMethod:
     mergeable: ClassVar[bool] = False
     #: Whether the method rewrites the model's inputs (soft prompts) rather than only its layers.
     modifies_inputs: ClassVar[bool] = False
+    #: Whether a method that rewrites inputs can rewrite each batch row for its own adapter (``mixed_batch``).
+    rewrites_inputs_per_row: ClassVar[bool] = False
     #: Whether some trainable parameter may get no gradient in a step (DDP then needs find_unused_parameters).
     may_have_unused_parameters: ClassVar[bool] = False
     #: Whether the method can be a part of a :class:`~lightning_peft.methods.MethodUnion` (MAM, UniPELT).

@@ -29,7 +29,8 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterat
             logits = model(input_ids).logits  # input_ids has 3 rows
 
     Args:
-        model: A model with LoRA-family and/or IA3 adapters.
+        model: A model with LoRA-family, IA3 or prompt-tuning/P-tuning adapters (prompts: every row names one,
+            all of the same length; each row then gets its own virtual tokens, also in ``generate()``).
         adapter_names: One adapter name or ``None`` per batch row.
 
     Raises:
@@ -52,18 +53,20 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterat
         )
     for adapter in sorted(named | {record.active}):
         method = record.methods[adapter]
-        if method.modifies_inputs:
+        if method.modifies_inputs and not method.rewrites_inputs_per_row:
             raise ValueError(
                 f"mixed_batch: adapter '{adapter}' ({method.name}) rewrites the model's inputs and cannot vary per row; "
-                "mixed batches support the LoRA family and IA3."
+                "mixed batches support the LoRA family, IA3 and prompt tuning / P-tuning."
             )
     for name, layer in layers:
         involved = set(layer.adapter_names()) & (named | set(layer.active_adapters))
         if involved and not layer.disabled and not layer.supports_mixed_batch:
             raise ValueError(
                 f"mixed_batch: {name} ({type(layer).__name__}) holds adapters {sorted(involved)} but cannot pick an "
-                "adapter per row; mixed batches support the LoRA family and IA3 layers only."
+                "adapter per row; mixed batches support the LoRA family, IA3 and prompt tuning / P-tuning layers."
             )
+        if involved and not layer.disabled:
+            layer.check_rows(rows)
     capable = [layer for _, layer in layers if layer.supports_mixed_batch]
     for layer in capable:
         layer.row_adapters = rows

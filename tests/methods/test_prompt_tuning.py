@@ -276,7 +276,9 @@ def test_encoder_decoder_generate_equals_cache_free_greedy_decoding(family):
     randomise(model, scale=0.5)
     batch = _enc_dec_batch()
     model.generation_config.eos_token_id = None
-    model.generation_config.forced_eos_token_id = None  # BART forces EOS at max_length; the loop below does not
+    model.generation_config.forced_eos_token_id = (
+        None  # BART forces EOS at max_length; the loop below does not
+    )
     generated = _generate(model, batch)
     start = generated[:, :1]
     tokens = start
@@ -297,3 +299,64 @@ def test_speech_encoder_decoders_are_refused_with_the_reason():
     with pytest.raises(ValueError, match=r"encoder WhisperEncoder takes no inputs_embeds .*audio features"):
         inject(model, PromptTuning(num_virtual_tokens=4))
     assert [type(m) for m in model.modules()] == modules
+
+
+# --- mixed-task batches: row i with its own prompt adapter (prompt tuning's mixed-task inference) ------------------
+def _two_prompt_adapters(build):
+    from lightning_peft.methods import PTuning
+    from lightning_peft.testing.checks import randomise
+
+    model = inject(build(), PromptTuning(num_virtual_tokens=4), adapter_name="sql")
+    inject(model, PTuning(num_virtual_tokens=4, encoder_hidden_size=16), adapter_name="chat")
+    randomise(model, scale=0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", ["Llama", "T5"])
+def test_mixed_batch_gives_each_row_its_own_prompts_in_forward_and_generate(family):
+    from lightning_peft import mixed_batch, set_adapter
+    from tests.architecture_matrix import FAMILIES
+
+    model = _two_prompt_adapters(FAMILIES[family].build)
+    model.generation_config.eos_token_id = None
+    batch = _enc_dec_batch() if family == "T5" else FAMILIES[family].inputs()
+    batch = {k: torch.cat([v, v[:1]]) for k, v in batch.items()}  # 3 rows
+    batch["attention_mask"][2, :2] = 0  # a left-padded row
+    rows = ["chat", "sql", "sql"]
+    with torch.no_grad(), mixed_batch(model, rows):
+        mixed = model(**batch).logits
+        generated = _generate(model, batch)
+    for i, name in enumerate(rows):
+        set_adapter(model, name)
+        alone = {k: v[i : i + 1] for k, v in batch.items()}
+        with torch.no_grad():
+            torch.testing.assert_close(mixed[i : i + 1], model(**alone).logits, atol=1e-5, rtol=0)
+            assert torch.equal(generated[i : i + 1], _generate(model, alone))
+    assert not torch.allclose(mixed[0], mixed[1], atol=1e-3)  # the two adapters differ
+
+
+def test_mixed_batch_refuses_rows_the_prompts_cannot_serve():
+    from lightning_peft import mixed_batch
+    from lightning_peft.methods import PrefixTuning
+
+    model = _two_prompt_adapters(tiny_llama)
+    inject(model, PromptTuning(num_virtual_tokens=6), adapter_name="long")
+    with (
+        pytest.raises(ValueError, match="every row must name one of this model's prompt adapters"),
+        mixed_batch(model, ["sql", None]),
+    ):
+        pass
+    with (
+        pytest.raises(
+            ValueError,
+            match=r"of one length, got \(kind, virtual tokens\) \[\('prompt', 4\), \('prompt', 6\)\]",
+        ),
+        mixed_batch(model, ["sql", "long"]),
+    ):
+        pass
+    inject(model, PrefixTuning(num_virtual_tokens=4), adapter_name="prefix")
+    with (
+        pytest.raises(ValueError, match="rewrites the model's inputs and cannot vary per row"),
+        mixed_batch(model, ["sql", "prefix"]),
+    ):
+        pass

@@ -104,8 +104,8 @@ def _active_prompt(host: nn.Module) -> tuple[VirtualTokens, str] | None:
             handle.remove()
         object.__delattr__(host, _HOOKS_ATTR)
         return None
-    adapter_name = layer.active_adapter()
-    return None if adapter_name is None else (layer, adapter_name)
+    source = layer.prompt_source()  # the active adapter, or one per row inside mixed_batch
+    return None if source is None else (layer, source)
 
 
 def _before_encoder_decoder(host: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -115,7 +115,7 @@ def _before_encoder_decoder(host: nn.Module, args: tuple, kwargs: dict) -> tuple
         return None
     layer, adapter_name = active
     args, kwargs = _keyword_arguments(host, args, dict(kwargs))
-    mask, n = kwargs.get("attention_mask"), layer.specs[adapter_name].num_virtual_tokens
+    mask, n = kwargs.get("attention_mask"), layer.spec(adapter_name).num_virtual_tokens
     if mask is None:
         return args, kwargs
     encoded = kwargs.get("encoder_outputs")
@@ -142,7 +142,7 @@ def _encoder_hook(host: nn.Module) -> Any:
         if input_ids is None and embeds is None:
             raise ValueError("Soft-prompt methods need input_ids or inputs_embeds in the encoder's call.")
         batch, length = (input_ids if input_ids is not None else embeds).shape[:2]
-        n = layer.specs[adapter_name].num_virtual_tokens
+        n = layer.spec(adapter_name).num_virtual_tokens
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.shape[1] == length:
             kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
@@ -168,7 +168,7 @@ def _before_forward(host: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, 
     if active is None:
         return None
     layer, adapter_name = active
-    if layer.specs[adapter_name].kind == "prefix" and host.training and checkpointing(host):
+    if layer.spec(adapter_name).kind == "prefix" and host.training and checkpointing(host):
         raise RuntimeError(CHECKPOINTING_ERROR.format(method="The prefix adapter"))
     args, kwargs = _keyword_arguments(host, args, dict(kwargs))
     _calls()[id(host)] = rewrite_inputs(layer, adapter_name, kwargs, host)
@@ -190,7 +190,7 @@ def _keyword_arguments(host: nn.Module, args: tuple, kwargs: dict) -> tuple[tupl
 def rewrite_inputs(layer: VirtualTokens, adapter_name: str, kwargs: dict, host: nn.Module) -> _Call:
     """Give one call of ``host`` (its ``kwargs``, changed in place) the adapter's virtual tokens."""
     config = getattr(host, "config", None)
-    spec = layer.specs[adapter_name]
+    spec = layer.spec(adapter_name)
     n = spec.num_virtual_tokens
     input_ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
     if input_ids is None and embeds is None:
@@ -253,7 +253,7 @@ def _position_limit(host: nn.Module) -> int | None:
 
 
 def _prepend_prompts(layer: VirtualTokens, adapter_name: str, kwargs: dict, batch: int, length: int) -> None:
-    n = layer.specs[adapter_name].num_virtual_tokens
+    n = layer.spec(adapter_name).num_virtual_tokens
     embeds = kwargs.get("inputs_embeds")
     if embeds is None:
         embeds = layer(kwargs.pop("input_ids"))

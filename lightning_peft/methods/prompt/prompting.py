@@ -139,6 +139,12 @@ class PromptLearningMethod(PEFTMethod):
     kind: ClassVar[Literal["prompt", "prefix"]] = "prompt"
     modifies_inputs: ClassVar[bool] = True
 
+    @property
+    def rewrites_inputs_per_row(self) -> bool:  # type: ignore[override]
+        return (
+            self.kind == "prompt"
+        )  # prompts are rows of the input; a prefix is one cache for the whole batch
+
     num_virtual_tokens: int = 20
 
     def validate(self) -> None:

@@ -58,6 +58,7 @@ class VirtualTokens(AdapterLayer):
 
     adapter_attrs = ("prompt_encoder", "prefix_gates")
     adapter_settings = ("specs",)
+    supports_mixed_batch = True  # prompt kinds only (check_rows): row i gets adapter i's virtual tokens
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -75,6 +76,33 @@ class VirtualTokens(AdapterLayer):
         """The embedding itself: the virtual tokens join the inputs in the model's hooks (``prompt.hooks``)."""
         return self.base_layer(*args, **kwargs)
 
+    def forward_rows(self, row_adapters: list[str | None], *args: Any, **kwargs: Any) -> Any:
+        return self.base_layer(*args, **kwargs)  # the prompts join the inputs in the hooks, per row
+
+    def check_rows(self, row_adapters: list[str | None]) -> None:
+        specs = [self.specs.get(name) if name is not None else None for name in row_adapters]
+        if any(spec is None for spec in specs):
+            raise ValueError(
+                f"mixed_batch rows {row_adapters}: with soft prompts every row must name one of this model's prompt "
+                f"adapters {sorted(self.specs)} (a row without virtual tokens would be shorter than the others); "
+                "run base-model rows in a separate batch."
+            )
+        kinds = {(spec.kind, spec.num_virtual_tokens) for spec in specs}
+        if len(kinds) > 1 or next(iter(kinds))[0] != "prompt":
+            raise ValueError(
+                f"mixed_batch rows {row_adapters}: rows need prompt adapters (PromptTuning/PTuning; a prefix is one "
+                f"cache for the whole batch) of one length, got (kind, virtual tokens) {sorted(kinds)}."
+            )
+
+    def prompt_source(self) -> str | tuple[str, ...] | None:
+        """What the next call's virtual tokens come from: one adapter per row in a mixed batch, else the active one."""
+        if self.row_adapters is not None and not self.disabled:
+            return tuple(self.row_adapters)
+        return self.active_adapter()
+
+    def spec(self, source: str | tuple[str, ...]) -> VirtualTokenSpec:
+        return self.specs[source[0] if isinstance(source, tuple) else source]
+
     def active_adapter(self) -> str | None:
         """The adapter whose virtual tokens the next call gets (``None`` when disabled)."""
         if self.disabled:
@@ -85,9 +113,20 @@ class VirtualTokens(AdapterLayer):
         """The encoder's output, ``(n, width)``: what inference needs and what the peft format saves."""
         return self.prompt_encoder[adapter_name]()
 
-    def prompts(self, adapter_name: str, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
+    def prompts(self, source: str | tuple[str, ...], batch_size: int, dtype: torch.dtype) -> torch.Tensor:
+        """``(B, n, d)``: one adapter's prompts for every row, or (a tuple of names) row ``i``'s adapter's."""
+        if isinstance(source, tuple):
+            if len(source) != batch_size:
+                raise ValueError(
+                    f"mixed_batch was given {len(source)} adapter names but the call has a batch of {batch_size} "
+                    "rows; pass one name per row of the batch."
+                )
+            tokens = {
+                name: self.virtual_tokens(name).to(dtype) for name in dict.fromkeys(source)
+            }  # once each
+            return torch.stack([tokens[name] for name in source])
         # (n, d) -> (B, n, d); expanded, not copied: every row's gradient reaches the same parameters
-        return self.virtual_tokens(adapter_name).to(dtype).unsqueeze(0).expand(batch_size, -1, -1)
+        return self.virtual_tokens(source).to(dtype).unsqueeze(0).expand(batch_size, -1, -1)
 
     def prefix(
         self, adapter_name: str, batch_size: int, dtype: torch.dtype
