@@ -42,7 +42,7 @@ def runs(request, tmp_path_factory) -> tuple[Path, int]:
         "DS_ACCELERATOR": "cpu",
     }
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), str(devices), *CASES],
+        [sys.executable, str(SCRIPT), str(out), str(devices), *CASES, "stage3_mid_epoch"],
         env=env, capture_output=True, text=True, timeout=400,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
@@ -189,3 +189,16 @@ def test_resume_refuses_a_deepspeed_checkpoint_of_another_adapter(runs, tmp_path
         require_adapter_tensors(checkpoint, other)
     with pytest.raises(FileNotFoundError, match="not a DeepSpeed checkpoint"):
         require_adapter_tensors(tmp_path, keys)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_mid_epoch_resume_with_a_resumable_loader_continues_with_the_next_batches(runs):
+    out, devices = runs
+    result = load_runs(out, "stage3_mid_epoch", devices)
+    for rank in range(devices):
+        full, first, resumed = (result[rank, name] for name in ("full", "first", "resumed"))
+        assert len(full["losses"]) == 4 and len(first["losses"]) == 2
+        assert first["losses"] + resumed["losses"] == full["losses"]  # batches 2 and 3, not 0 and 1 again
+        for key, value in full["state"].items():
+            assert torch.equal(resumed["state"][key], value), key

@@ -26,6 +26,8 @@ from lightning_peft import PEFTCallback
 from lightning_peft.integrations.deepspeed import PEFTDeepSpeedStrategy
 from lightning_peft.methods import LoRA
 from tests.test_callback import CausalLM, token_loader
+from tests.test_no_silent_loss import StatefulLoader
+from tests.tiny_models import VOCAB
 
 # Lightning's default buckets (2e8 elements, 800 MB each in fp32) are allocated and zeroed for a model of 92k
 # parameters: ~1 s per step and 2 GB of RSS here. Buckets sized for the model keep a step at milliseconds.
@@ -95,8 +97,39 @@ def fit(out: Path, case: str, devices: int, name: str, max_epochs: int, ckpt_pat
     torch.save(result, out / f"rank{trainer.global_rank}_{name}.pt")
 
 
+def mid_epoch(out: Path, devices: int) -> None:
+    """ZeRO-3, a resumable loader, a checkpoint every 2 steps: ``full`` runs 4 steps of one epoch, ``first`` stops after
+    2 and ``resumed`` continues from its step checkpoint with batches 2 and 3 (not 0 and 1)."""
+    batches = 4 * devices  # 4 steps per rank in the epoch
+
+    def loader() -> StatefulLoader:
+        ids = torch.randint(0, VOCAB, (2 * batches, 12), generator=torch.Generator().manual_seed(0))
+        return StatefulLoader(torch.utils.data.TensorDataset(ids), batch_size=2)
+
+    for name, max_steps, ckpt in (("full", 4, None), ("first", 2, None), ("resumed", 4, "step")):
+        pl.seed_everything(0)
+        module = CausalLM()
+        callback = PEFTCallback(LoRA(r=4, target_modules=["q_proj", "v_proj"]), target="model")
+        every_2 = ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=2, save_top_k=-1)
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=devices, max_steps=max_steps, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=[callback] + ([every_2] if name == "first" else []),
+            strategy=PEFTDeepSpeedStrategy(process_group_backend="gloo", **CASES["stage3"]),
+            default_root_dir=out, deterministic=True, enable_checkpointing=name == "first",
+        )  # fmt: skip
+        ckpt_path = str(next((out / "ckpt").glob("*step=2*"))) if ckpt else None
+        trainer.fit(module, loader(), ckpt_path=ckpt_path)
+        result = {"losses": module.losses, "state": gathered_adapter_state(trainer, callback, module)}
+        where = out / "full" if name == "full" else out  # the layout load_runs reads
+        where.mkdir(parents=True, exist_ok=True)
+        torch.save(result, where / f"rank{trainer.global_rank}_{name}.pt")
+
+
 def main(out: Path, devices: int, cases: list[str]) -> None:
     for case in cases:
+        if case == "stage3_mid_epoch":
+            mid_epoch(out / case, devices)
+            continue
         fit(out / case / "full", case, devices, "full", max_epochs=2)
         fit(out / case, case, devices, "first", max_epochs=1)
         fit(
