@@ -197,7 +197,9 @@ class LinearThenConv(nn.Module):
 
 
 @pytest.mark.parametrize(
-    "refused", [{"use_dora": True}, {"init_lora_weights": "pissa", "r": 2}], ids=["dora", "pissa"]
+    "refused",
+    [{"init_lora_weights": "olora", "r": 2}, {"init_lora_weights": "pissa", "r": 2}],
+    ids=["olora", "pissa"],
 )
 def test_a_refused_injection_leaves_the_model_as_it_was(refused: dict) -> None:
     # fc is wrapped before conv is found to be unsupported: that wrapper must be taken out again.
