@@ -248,10 +248,11 @@ def test_an_unsupported_layer_type_names_the_supported_ones() -> None:
     assert not any(isinstance(m, AdapterLayer) for m in model.modules())
 
 
-def test_grouped_convolutions_are_refused() -> None:
+def test_a_grouped_convolution_needs_a_rank_divisible_by_its_groups() -> None:
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
-    with pytest.raises(ValueError, match="grouped convolutions"):
-        inject(model, LoRA(target_modules=["0"]))
+    with pytest.raises(ValueError, match=r"grouped convolution 0 \(groups=2\): r=3 must be a multiple of groups"):
+        inject(model, LoRA(r=3, target_modules=["0"]))
+    assert not any(isinstance(m, AdapterLayer) for m in model.modules())
 
 
 def test_target_modules_none_without_a_model_type_default_is_refused() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,13 +23,15 @@ from lightning_peft import (
     adapter_state_dict,
     disable_adapters,
     inject,
+    load_adapter,
     merge,
     merge_and_unload,
+    save_adapter,
     unload,
     unmerge,
 )
 from lightning_peft.core import transformers_compat as hf
-from lightning_peft.core.adapter_layer import AdapterLayer, to_peft_key
+from lightning_peft.core.adapter_layer import AdapterLayer, NotMergeableError, to_peft_key
 from lightning_peft.core.injection import adapter_state_keys
 from lightning_peft.methods import LoRA, ModulesToSave
 from lightning_peft.methods.lora.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
@@ -570,3 +573,56 @@ def test_train_mode_with_dropout_matches_peft(case_name: str) -> None:
     expected = case.forward(reference)
     torch.manual_seed(11)
     torch.testing.assert_close(case.forward(ours), expected, atol=1e-5, rtol=0)
+
+
+class GroupedConvNet(nn.Module):
+    """A depthwise-separable block (MobileNet/ConvNeXt style): a grouped 3x3 and a depthwise 3x3 convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.grouped = nn.Conv2d(8, 8, kernel_size=3, padding=1, groups=2)
+        self.depthwise = nn.Conv2d(8, 8, kernel_size=3, padding=1, groups=8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.depthwise(torch.relu(self.grouped(x))).mean(dim=(2, 3)))
+
+
+def _grouped_input() -> torch.Tensor:
+    return torch.randn(2, 8, 5, 5, generator=torch.Generator().manual_seed(1))
+
+
+def test_grouped_convolutions_match_peft_both_ways_and_refuse_to_merge(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    config = {"r": 8, "lora_alpha": 16, "target_modules": ["grouped", "depthwise"]}
+    ours = inject(GroupedConvNet(), ours_from_peft(config))
+    assert ours.depthwise.lora_B["default"].groups == 8 and ours.depthwise.lora_A["default"].groups == 1
+    _randomise_trainable(ours)
+    save_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(GroupedConvNet(), tmp_path / "ours")
+    x = _grouped_input()
+    with torch.no_grad():
+        expected = ours(x)
+        torch.testing.assert_close(theirs(x), expected, atol=1e-6, rtol=0)
+        assert not torch.allclose(GroupedConvNet()(x), expected, atol=1e-3)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    with pytest.raises(NotMergeableError, match=r"grouped convolution \(groups=2\)"):
+        merge(ours)
+    assert all(torch.equal(v, before[k]) for k, v in ours.state_dict().items())
+    reference = peft.get_peft_model(GroupedConvNet(), peft.LoraConfig(**config))
+    _randomise_trainable(reference, seed=5)
+    reference.save_pretrained(tmp_path / "theirs")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            load_adapter(GroupedConvNet(), tmp_path / "theirs")(x), reference(x), atol=1e-6, rtol=0
+        )
+
+
+def test_grouped_convolutions_refuse_ranks_not_divisible_by_groups_and_dora() -> None:
+    with pytest.raises(
+        ValueError, match=r"grouped convolution depthwise \(groups=8\): r=4 must be a multiple"
+    ):
+        inject(GroupedConvNet(), LoRA(r=4, target_modules=["depthwise"]))
+    with pytest.raises(ValueError, match="DoRA is not supported there"):
+        inject(GroupedConvNet(), LoRA(r=8, target_modules=["grouped"], use_dora=True))

@@ -402,8 +402,6 @@ class LoraConv(LoraLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        if base_layer.groups != 1:
-            raise ValueError(f"LoRA on grouped convolutions (groups={base_layer.groups}) is not supported.")
         self._conv_fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[base_layer.weight.dim() - 2]
 
     def create_weights(self, adapter_name: str, r: int, device: torch.device, dtype: torch.dtype) -> None:
@@ -413,7 +411,24 @@ class LoraConv(LoraLayer):
             base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
             bias=False, padding_mode=base.padding_mode, device=device, dtype=dtype,
         )  # fmt: skip
-        self.lora_B[adapter_name] = conv(r, base.out_channels, 1, 1, bias=False, device=device, dtype=dtype)
+        # A grouped base (depthwise, ResNeXt) gets a grouped B, as peft: A sees every input channel, each group of
+        # B's output channels reads its share of the r. That update is no grouped kernel, so it cannot merge.
+        self.lora_B[adapter_name] = conv(
+            r, base.out_channels, 1, 1, groups=base.groups, bias=False, device=device, dtype=dtype
+        )  # fmt: skip
+
+    def check_merge(self, adapter_name: str) -> None:
+        if self.base_layer.groups > 1:
+            raise NotMergeableError(
+                f"LoRA adapter '{adapter_name}' on a grouped convolution (groups={self.base_layer.groups}): its update "
+                "mixes every input channel, which a grouped kernel cannot hold, so it does not fold into the weight "
+                "(as in peft). Keep it unmerged."
+            )
+        super().check_merge(adapter_name)
+
+    def merge_adapter(self, adapter_name: str) -> None:
+        self.check_merge(adapter_name)
+        super().merge_adapter(adapter_name)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight

@@ -217,6 +217,13 @@ class LoRA(PEFTMethod):
 
     def _check_target(self, name: str, layer: LoraLayer, r: int) -> None:
         kind = type(layer.base_layer).__name__
+        groups = getattr(layer.base_layer, "groups", 1) if isinstance(layer, LoraConv) else 1
+        if groups > 1 and (r % groups or self.use_dora):
+            raise ValueError(
+                f"LoRA on the grouped convolution {name} (groups={groups}): "
+                + ("DoRA is not supported there." if self.use_dora else f"r={r} must be a multiple of groups (B is "
+                   f"grouped, as in peft); set r (or rank_pattern for this module) to e.g. {groups * max(1, r // groups)}.")
+            )  # fmt: skip
         if self.use_dora and not isinstance(layer, (LoraLinear, LoraConv)):
             raise ValueError(
                 f"LoRA use_dora=True: DoRA supports Linear, Conv1D and convolution layers; {name} is {kind}."
