@@ -124,7 +124,9 @@ def test_adapter_auto_wrap_policy_wraps_modules_holding_only_trainable_parameter
 def test_deepspeed_checkpoint_excludes_frozen_parameters(tmp_path):
     pytest.importorskip("deepspeed")
     if not torch.cuda.is_available():
-        pytest.skip("DeepSpeed needs a CUDA device")
+        pytest.skip(
+            "Lightning's stock DeepSpeedStrategy needs a CUDA device (on CPU: tests/test_deepspeed.py)"
+        )
     import lightning.pytorch as pl
     from lightning.pytorch.strategies import DeepSpeedStrategy
 

@@ -360,3 +360,26 @@ def test_mixed_batch_refuses_rows_the_prompts_cannot_serve():
         mixed_batch(model, ["sql", "prefix"]),
     ):
         pass
+
+
+@pytest.mark.parametrize("family", ENC_DEC)
+def test_encoder_decoder_beam_search_and_sampling_match_peft(family, tmp_path):
+    peft = pytest.importorskip("peft")
+    from lightning_peft import save_adapter
+    from lightning_peft.testing.checks import randomise
+    from tests.architecture_matrix import FAMILIES
+
+    build, batch = FAMILIES[family].build, _enc_dec_batch()
+    ours = inject(build(), PromptTuning(num_virtual_tokens=4))
+    randomise(ours, scale=0.5)
+    save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(build(), tmp_path).eval()
+    ours.eval()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "max_new_tokens": 4}
+    for settings in ({"num_beams": 3, "do_sample": False}, {"do_sample": True, "top_k": 20}):
+        outputs = []
+        for model in (ours, theirs):
+            torch.manual_seed(5)
+            with torch.no_grad():
+                outputs.append(model.generate(**inputs, **settings))
+        assert torch.equal(outputs[0], outputs[1]), settings
