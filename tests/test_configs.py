@@ -81,7 +81,8 @@ def missing_requirements(path: Path) -> list[str]:
     available = {
         "cuda": torch.cuda.is_available(),
         # Adapter-only DeepSpeed checkpoints need DeepSpeedStrategy(exclude_frozen_parameters=...), lightning>=2.6.
-        "deepspeed": importlib.util.find_spec("deepspeed") is not None and supports_exclude_frozen_parameters(),
+        "deepspeed": importlib.util.find_spec("deepspeed") is not None
+        and supports_exclude_frozen_parameters(),
     }
     return [need for need in requirements(path) if not available.get(need, False)]
 

@@ -183,7 +183,7 @@ def test_mixed_batch_refusals() -> None:
     unmerge(model)
     inject(model, PromptTuning(num_virtual_tokens=2), "prompt")
     with (
-        pytest.raises(ValueError, match="every row must name one of this model.s prompt adapters"),
+        pytest.raises(ValueError, match="every row must name one of this model's prompt adapters"),
         mixed_batch(model, ["a", "b"]),
     ):
         pass

@@ -250,7 +250,9 @@ def test_an_unsupported_layer_type_names_the_supported_ones() -> None:
 
 def test_a_grouped_convolution_needs_a_rank_divisible_by_its_groups() -> None:
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
-    with pytest.raises(ValueError, match=r"grouped convolution 0 \(groups=2\): r=3 must be a multiple of groups"):
+    with pytest.raises(
+        ValueError, match=r"grouped convolution 0 \(groups=2\): r=3 must be a multiple of groups"
+    ):
         inject(model, LoRA(r=3, target_modules=["0"]))
     assert not any(isinstance(m, AdapterLayer) for m in model.modules())
 
