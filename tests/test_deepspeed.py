@@ -9,7 +9,6 @@ shared-memory communicator (a g++ build) out on the CPU.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 
 pytest.importorskip("deepspeed")
 from lightning_peft.integrations.deepspeed import supports_exclude_frozen_parameters
+from tests.distributed.process_group import run_script
 
 if not supports_exclude_frozen_parameters():
     pytest.skip(
@@ -41,10 +41,8 @@ def runs(request, tmp_path_factory) -> tuple[Path, int]:
         "OMP_NUM_THREADS": "1",
         "DS_ACCELERATOR": "cpu",
     }
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), str(devices), *CASES, "stage3_mid_epoch"],
-        env=env, capture_output=True, text=True, timeout=400,
-    )  # fmt: skip
+    command = [sys.executable, str(SCRIPT), str(out), str(devices), *CASES, "stage3_mid_epoch"]
+    done = run_script(command, env, out, timeout=400)
     assert done.returncode == 0, done.stderr[-4000:]
     # Nothing compiled at run time (DeepSpeed prints "... built successfully" / ninja "Building extension").
     assert "built successfully" not in done.stdout + done.stderr

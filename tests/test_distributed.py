@@ -1,12 +1,13 @@
 """2 CPU processes (gloo) under DDP, FSDP and FSDP2: identical adapters, adapter-only checkpoints, exact resume."""
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.distributed.process_group import run_script
 
 SCRIPT = Path(__file__).parent / "distributed" / "ddp_fit.py"
 
@@ -21,7 +22,7 @@ SCRIPT = Path(__file__).parent / "distributed" / "ddp_fit.py"
 def test_ddp_two_processes_identical_adapters_one_adapter_only_checkpoint(tmp_path, method):
     env = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[2]), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(SCRIPT), str(tmp_path), method]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = run_script(command, env, tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
@@ -59,7 +60,7 @@ def test_resume_from_adapter_only_checkpoint_reproduces_the_trajectory_on_every_
     env = {**os.environ, "PYTHONPATH": str(RESUME_SCRIPT.parents[2]), "OMP_NUM_THREADS": "1"}
     (tmp_path / "full").mkdir()
     command = [sys.executable, str(RESUME_SCRIPT), str(tmp_path), strategy]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = run_script(command, env, tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
     runs = {

@@ -27,6 +27,7 @@ from lightning_peft.methods import (
     QLoRA,
     UniPELT,
 )
+from tests.distributed.process_group import end_process_group
 from tests.test_callback import CausalLM, token_loader
 
 METHODS = {
@@ -64,3 +65,4 @@ def main(out: Path, method: str) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2])
+    end_process_group()

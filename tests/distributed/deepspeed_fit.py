@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from lightning_peft import PEFTCallback
 from lightning_peft.integrations.deepspeed import PEFTDeepSpeedStrategy
 from lightning_peft.methods import LoRA
+from tests.distributed.process_group import end_process_group
 from tests.test_callback import CausalLM, token_loader
 from tests.test_no_silent_loss import StatefulLoader
 from tests.tiny_models import VOCAB
@@ -144,3 +145,4 @@ def main(out: Path, devices: int, cases: list[str]) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:])
+    end_process_group()

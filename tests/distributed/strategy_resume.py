@@ -23,6 +23,7 @@ from lightning_peft.integrations.distributed import (
     gathered_state_dict,
 )
 from lightning_peft.methods import LoRA
+from tests.distributed.process_group import end_process_group
 from tests.test_callback import CausalLM, token_loader
 
 
@@ -104,3 +105,4 @@ def main(out: Path, strategy: str) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2])
+    end_process_group()
