@@ -58,6 +58,12 @@ CASES: dict[str, tuple[Callable[..., nn.Module], dict[str, Any], Callable[[nn.Mo
         },
         _tokens_forward,
     ),
+    # The head stays frozen (not in modules_to_save): written without a task type, so peft does not look for it.
+    "bert_frozen_head": (
+        tiny_bert_classifier,
+        {"r": 4, "alpha": 8, "target_modules": ["query", "value"]},
+        _tokens_forward,
+    ),
     "mlpconv_conv_embedding": (
         MLPConv,
         {"r": 2, "alpha": 4, "target_modules": ["conv2d", "conv1d", "pointwise", "embed", "fc1"]},
@@ -161,6 +167,10 @@ def test_config_fields(tmp_path: Path) -> None:
     assert config["fan_in_fan_out"] is True  # Conv1D stores (in, out)
     assert config["task_type"] == "CAUSAL_LM"
     assert (config["r"], config["lora_alpha"]) == (8, 8)  # peft's defaults
+
+    # peft's SEQ_CLS model would wrap the classifier and look for its weights (KeyError): no task type without them.
+    save_adapter(_trained(tiny_bert_classifier, {"target_modules": ["query"]}), tmp_path / "frozen_head")
+    assert json.loads((tmp_path / "frozen_head" / CONFIG_NAME).read_text())["task_type"] is None
 
     save_adapter(_trained(MLPConv, {"target_modules": ["fc1"]}), tmp_path / "plain")
     assert json.loads((tmp_path / "plain" / CONFIG_NAME).read_text())["task_type"] is None

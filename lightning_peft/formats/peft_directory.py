@@ -58,9 +58,34 @@ _TASK_SUFFIXES = {
 }
 
 
-def _task_type(model: nn.Module) -> str | None:
+#: The head modules peft's task models add to ``modules_to_save`` and then expect in the weights file.
+_TASK_HEADS = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+
+
+def _task_type(model: nn.Module, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> str | None:
+    """peft's task type for ``model``, or None where peft's task model would look for a head the file lacks.
+
+    peft's SEQ_CLS / TOKEN_CLS / QUESTION_ANS models wrap the model's head (``classifier``, ``score``,
+    ``qa_outputs``) as a module to save and fail to load a file without its weights (KeyError). An adapter that
+    leaves the head frozen (not in ``modules_to_save``) is written without a task type: peft loads it as a plain
+    PeftModel, with the base model's head, which is what this adapter was trained with. Soft-prompt adapters keep
+    the task type: peft prepends their prompts only inside its task models.
+    """
     cls = type(model).__name__
-    return next((task for suffix, task in _TASK_SUFFIXES.items() if cls.endswith(suffix)), None)
+    task = next((task for suffix, task in _TASK_SUFFIXES.items() if cls.endswith(suffix)), None)
+    heads = [
+        name
+        for name, _ in model.named_modules()
+        if any(name == head or name.endswith("." + head) for head in _TASK_HEADS.get(task, ()))
+    ]
+    missing = [h for h in heads if not any(k.startswith(f"base_model.model.{h}.") for k in tensors)]
+    if missing and "num_virtual_tokens" not in config:
+        return None
+    return task
 
 
 def save_adapter(
@@ -104,17 +129,17 @@ def save_adapter(
     # unknown adapter_config.json key makes peft warn that the file needs a newer peft).
     own = config.pop(OWN_SETTINGS_KEY, None)
     metadata = {"format": "pt", **({OWN_SETTINGS_KEY: json.dumps(own, sort_keys=True)} if own else {})}
-    model_config = getattr(model, "config", None)
-    config.update(
-        task_type=_task_type(model),
-        base_model_name_or_path=getattr(model_config, "_name_or_path", None) or None,
-        inference_mode=True,
-    )
     tensors = {
         to_peft_key(k, name): v.detach().cpu().contiguous().clone()
         for k, v in method.to_peft_state_dict(model, name, state).items()
     }
     tensors = method.to_peft_tensors(model, name, tensors)
+    model_config = getattr(model, "config", None)
+    config.update(
+        task_type=_task_type(model, tensors, config),
+        base_model_name_or_path=getattr(model_config, "_name_or_path", None) or None,
+        inference_mode=True,
+    )
     if not allow_non_finite:
         refuse_non_finite(
             tensors, f"save_adapter({directory})", "nothing was written; allow_non_finite=True writes them."
