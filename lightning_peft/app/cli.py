@@ -56,6 +56,7 @@ from lightning.pytorch.cli import (
     LightningArgumentParser,
     LightningCLI,
     LRSchedulerTypeTuple,
+    SaveConfigCallback,
     instantiate_class,
 )
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
@@ -486,12 +487,20 @@ class PEFTLightningCLI(LightningCLI):
         """Unless the config has a prediction writer, add one: rows go to ``predictions.jsonl`` beside the
         checkpoint's run (``<run>/checkpoints/x.ckpt`` -> ``<run>/predictions.jsonl``) when the logger would
         otherwise start a new version folder next to it, else to ``<log_dir>/predictions.jsonl``. An earlier
-        file there is kept: the new one is ``predictions-1.jsonl``, ``-2``, ..."""
+        file there is kept: the new one is ``predictions-1.jsonl``, ``-2``, ...
+
+        Rows written beside the checkpoint's run leave the logger nothing to hold (predict logs no metrics): it and
+        the config file are dropped for the run, so no new ``version_N`` folder holding only a config appears."""
         _quiet_checkpoint_state_notice()
         if any(isinstance(c, BasePredictionWriter) for c in self.trainer.callbacks):
             return
         config = self.config.get(str(self.subcommand), self.config)
         run = _checkpoint_run(config.get("ckpt_path"), self.trainer)
+        if run is not None:
+            self.trainer.loggers = []
+            self.trainer.callbacks[:] = [
+                c for c in self.trainer.callbacks if not isinstance(c, SaveConfigCallback)
+            ]
         self.trainer.callbacks.append(
             PredictionWriter(None if run is None else str(_free_name(run / "predictions.jsonl")))
         )
