@@ -223,7 +223,9 @@ def check_config_keys(path: Path, config: dict[str, Any], method_cls: type) -> N
         )
     for where, pattern in _patterns(config):
         check_pattern(pattern, f"{path}: {where}")
-    used = sorted(k for k in PEFT_UNSUPPORTED_KEYS if config.get(k) not in (None, False, [], {}))
+    # A method with a field of that name implements the feature (LoRA's target_parameters).
+    own = {f.name for f in fields(method_cls)}
+    used = sorted(k for k in PEFT_UNSUPPORTED_KEYS - own if config.get(k) not in (None, False, [], {}))
     if used:
         raise ValueError(
             f"{path} sets {used} ({', '.join(repr(config[k]) for k in used)}): peft features lightning-peft does "

@@ -39,6 +39,12 @@ from lightning_peft.methods.lora.layers import (
     lora_layer_type,
     rewrites_base_weight,
 )
+from lightning_peft.methods.lora.param_wrapper import (
+    check_parameter_options,
+    find_parameter_targets,
+    wrap_parameter,
+    wrapped_parameter_names,
+)
 from lightning_peft.methods.trainable_tokens import (
     TrainableTokens,
     from_lora_layout,
@@ -104,6 +110,9 @@ class LoRA(PEFTMethod):
         alpha_pattern: ``{regex: alpha}`` per-module alpha overrides.
         trainable_token_indices: Embedding rows trained beside the adapter (peft's option): token ids of the input
             embedding, or ``{module name: ids}``; only those rows are saved (a tied head follows them).
+        target_parameters: Parameters adapted directly (peft's option), for weights no Linear holds: the fused 3-D
+            expert weights of MoE blocks, e.g. ``["experts.gate_up_proj", "experts.down_proj"]`` (full name or
+            ``.``-suffix). One update per expert; no dropout or DoRA there. ``target_modules=[]`` adapts only these.
         modules_to_save: Modules trained in full (e.g. a new classification head).
     """
 
@@ -122,8 +131,16 @@ class LoRA(PEFTMethod):
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    target_parameters: list[str] | None = None
 
     def validate(self) -> None:
+        if self.target_parameters is not None:
+            check_parameter_options(
+                self.target_parameters,
+                dropout=self.dropout,
+                use_dora=self.use_dora,
+                init=self.init_lora_weights,
+            )
         if self.trainable_token_indices is not None:
             self._token_methods()  # each TrainableTokens validates its indices here, at construction
         for where, rank in [
@@ -172,15 +189,33 @@ class LoRA(PEFTMethod):
             )
         return DEFAULT_TARGETS[model_type]
 
-    def inject_layers(self, model: nn.Module, adapter_name: str) -> None:
-        targets = find_targets(
+    def _module_targets(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The modules to wrap; none where only ``target_parameters`` are meant (``target_modules=[]``, or ``None``
+        on a model without default modules), as in peft."""
+        if self.target_parameters and self.target_modules is not None and len(self.target_modules) == 0:
+            return []
+        try:
+            spec = self.resolve_target_modules(model)
+        except ValueError:
+            if self.target_parameters and self.target_modules is None:
+                return []
+            raise
+        return find_targets(
             model,
-            self.resolve_target_modules(model),
+            spec,
             supported=(*LAYER_TYPES, LoraLayer),
             exclude_modules=self.exclude_modules,
             skip=self.modules_to_save or (),
             linear_types=(nn.Linear, Conv1D),
             method="LoRA",
+        )
+
+    def inject_layers(self, model: nn.Module, adapter_name: str) -> None:
+        targets = self._module_targets(model)
+        parameters = (
+            find_parameter_targets(model, self.target_parameters, module_targets={n for n, _ in targets})
+            if self.target_parameters
+            else []
         )
         # Check every target before changing any (PiSSA rewrites base weights), so a refusal leaves the model as is.
         planned = []
@@ -196,6 +231,12 @@ class LoRA(PEFTMethod):
             )
             if layer is not module:
                 replace_module(model, name, layer)
+        for target in parameters:  # in module and registration order: a module's parameters nest as in peft
+            r = int(pattern_value(target.name, self.rank_pattern, self.r))
+            alpha = pattern_value(target.name, self.alpha_pattern, self.alpha)
+            wrap_parameter(model, target).add_adapter(
+                adapter_name, r, alpha, self.use_rslora, self.init_lora_weights
+            )
         for tokens in self._token_methods():  # rows trained beside the LoRA layers, in the same adapter
             tokens.inject_layers(model, adapter_name)
 
@@ -294,6 +335,8 @@ class LoRA(PEFTMethod):
                 getattr(m, "fan_in_fan_out", False) for n, m in model.named_modules() if n in targeted
             ),
             "trainable_token_indices": self.trainable_token_indices,
+            # The exact parameter names, as for target_modules (peft matches them by the same suffix rule).
+            "target_parameters": wrapped_parameter_names(model, adapter_name) or None,
         }
 
     @classmethod
@@ -317,6 +360,7 @@ class LoRA(PEFTMethod):
             rank_pattern=dict(config.get("rank_pattern") or {}),
             alpha_pattern=dict(config.get("alpha_pattern") or {}),
             trainable_token_indices=config.get("trainable_token_indices"),
+            target_parameters=config.get("target_parameters"),
             modules_to_save=config.get("modules_to_save"),
         )
 
