@@ -101,6 +101,7 @@ class Family:
     head: list[str] | None = (
         None  # a new task head, trained in full (modules_to_save), as users fine-tune one
     )
+    experts: list[str] | None = None  # fused 3-D expert weights the LoRA cells adapt too (target_parameters)
 
     @property
     def model_type(self) -> str:
@@ -124,8 +125,9 @@ _LLAMA_LIKE = dict(
 )  # fmt: skip
 # The whole sparse MoE block maps the hidden state to itself: the bottlenecks go around it, not per expert.
 _MOE = dict(
-    _LLAMA_LIKE, ia3=["k_proj", "v_proj", "o_proj"], feed_forward_output=["mlp"], feed_forward=["mlp"]
-)
+    _LLAMA_LIKE, ia3=["k_proj", "v_proj", "o_proj"], feed_forward_output=["mlp"], feed_forward=["mlp"],
+    experts=["experts.gate_up_proj", "experts.down_proj"],
+)  # fmt: skip
 _BERT_LIKE = dict(
     head=["classifier"], lora=["query", "value"], ia3=["key", "value", "output.dense"], attention_output=["attention.output.dense"],
     feed_forward_output=r".*layer\.\d+\.output\.dense", feed_forward=["intermediate"],
@@ -418,12 +420,19 @@ def _lora_targets(f: Family) -> list[str] | None:
 
 
 METHODS: dict[str, Callable[[Family], PEFTMethod]] = {
-    "LoRA": lambda f: LoRA(r=4, alpha=8, target_modules=_lora_targets(f), modules_to_save=f.head),
+    "LoRA": lambda f: LoRA(
+        r=4, alpha=8, target_modules=_lora_targets(f), target_parameters=f.experts, modules_to_save=f.head
+    ),
     "DoRA": lambda f: LoRA(
         r=4, alpha=8, use_dora=True, target_modules=_lora_targets(f), modules_to_save=f.head
     ),
     "rsLoRA": lambda f: LoRA(
-        r=4, alpha=8, use_rslora=True, target_modules=_lora_targets(f), modules_to_save=f.head
+        r=4,
+        alpha=8,
+        use_rslora=True,
+        target_modules=_lora_targets(f),
+        target_parameters=f.experts,
+        modules_to_save=f.head,
     ),
     "QLoRA": lambda f: QLoRA(r=4, alpha=8, target_modules=_lora_targets(f), modules_to_save=f.head),
     "AdaLoRA": lambda f: AdaLoRA(
