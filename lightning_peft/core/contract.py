@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, TypeVar
 
@@ -158,6 +158,21 @@ class PEFTMethod:
     def extra_loss(self, model: nn.Module, adapter_name: str) -> torch.Tensor | None:
         """An extra loss term of adapter ``adapter_name`` added to the objective (e.g. an orthogonality regulariser)."""
         return None
+
+    # --- optional data-driven initialisation (EVA) ----------------------------------------------------------
+    def needs_training_data(self) -> bool:
+        """Whether :meth:`initialize_from_data` must see training batches before training starts; PEFTCallback then
+        runs it at fit start (not on resume) over the train loader."""
+        return False
+
+    def initialize_from_data(
+        self, model: nn.Module, adapter_name: str, batches: Any, broadcast: Callable[[Any], Any] | None = None
+    ) -> None:
+        """Initialise adapter ``adapter_name`` from ``batches`` (e.g. EVA); ``broadcast`` makes all processes agree."""
+
+    def fit_to_checkpoint(self, model: nn.Module, adapter_name: str, state: dict[str, torch.Tensor]) -> None:
+        """Before a checkpoint's tensors (``state``, keyed relative to ``model``) load: reshape the adapter to them
+        where its shapes came from data (EVA's ranks). No-op by default."""
 
     # --- training state outside parameters (checkpointed by PEFTCallback) ------------------------------------
     def training_state(self, model: nn.Module, adapter_name: str) -> dict[str, Any]:

@@ -236,11 +236,26 @@ class PEFTCallback(Callback):
                     f"{record.methods[self.adapter_name]}; this callback asks for {self.method}."
                 )
             return  # hooks re-run for every stage: inject once
-        with deepspeed_support.plain_parameters(getattr(pl_module, "_trainer", None)):
+        trainer = getattr(pl_module, "_trainer", None)
+        with deepspeed_support.plain_parameters(trainer):
             inject(model, self.method, self.adapter_name)
+        if self.method.needs_training_data() and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            if not trainer.ckpt_path:  # resuming: the checkpoint's tensors (and shapes) replace it in on_load
+                self._initialize_from_data(trainer, model)
         if self.adapter_only_checkpoints:
             # Base weights are not in our checkpoints; adapter keys are checked in on_load_checkpoint.
             pl_module.strict_loading = False
+
+    def _initialize_from_data(self, trainer: pl.Trainer, model: nn.Module) -> None:
+        """A data-driven init (EVA) over the train loader, before the strategy wraps the model and optimizers
+        exist; every process then takes rank 0's result (so DDP replicas agree even on shuffled data)."""
+        loader = trainer.fit_loop._data_source.dataloader()
+        if trainer.strategy.root_device != next(model.parameters()).device and trainer.num_devices == 1:
+            model.to(trainer.strategy.root_device)  # where the strategy would move it next, and the data goes
+        rank_zero_info(f"{self.method.name} '{self.adapter_name}': initialising from the train loader's batches")
+        self.method.initialize_from_data(
+            model, self.adapter_name, loader, broadcast=lambda obj: trainer.strategy.broadcast(obj, src=0)
+        )
 
     def _configure_optimizers(self, pl_module: pl.LightningModule, original: Callable[[], Any]) -> Any:
         result = original()
@@ -322,6 +337,15 @@ class PEFTCallback(Callback):
         present = {clean_key(k) for k in state} if state is not None else set()
         missing = [k for k in wanted if k not in present]
         if state is not None:
+            prefix = self._prefix()
+            # Shapes that came from data (EVA's ranks) follow the checkpoint; then the key and shape checks run.
+            self.method.fit_to_checkpoint(
+                self.target_module(pl_module),
+                self.adapter_name,
+                {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)},
+            )
+            wanted = self.checkpoint_keys(pl_module)
+            missing = [k for k in wanted if k not in present]
             self._refuse_other_shapes(pl_module, state)
         if missing:
             raise KeyError(

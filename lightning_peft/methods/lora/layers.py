@@ -90,7 +90,8 @@ class LoraLayer(AdapterLayer):
 
     def initialise(self, adapter_name: str, init: InitOption) -> None:
         A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
-        if init is True:
+        # EVA and LoftQ start as the default and are set later (from data: eva.py; from the base: loftq.py).
+        if init is True or init in ("eva", "loftq"):
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
             nn.init.zeros_(B)
         elif init == "gaussian":

@@ -29,6 +29,14 @@ from lightning_peft.core.adapter_layer import ModulesToSave
 from lightning_peft.core.contract import PEFTMethod, register_method
 from lightning_peft.core.targeting import find_targets, pattern_value, replace_module
 from lightning_peft.core.transformers_compat import Conv1D
+from lightning_peft.methods.lora.eva import (
+    EvaConfig,
+    check_eva_target,
+    eva_alpha,
+    eva_config_from,
+    fit_to_saved,
+    initialize_eva_weights,
+)
 from lightning_peft.methods.lora.layers import (
     LAYER_TYPES,
     InitOption,
@@ -104,8 +112,11 @@ class LoRA(PEFTMethod):
         use_rslora: Rank-stabilised scaling.
         use_dora: Weight-decomposed LoRA (trained magnitude per output row).
         init_lora_weights: ``True`` (kaiming A, zero B), ``"gaussian"``, ``"pissa"``, ``"pissa_niter_<n>"``,
-            ``"olora"`` (QR of the base weight; like PiSSA it rewrites the base to the residual), or ``False``
-            (random B: not a no-op; for tests).
+            ``"olora"`` (QR of the base weight; like PiSSA it rewrites the base to the residual), ``"eva"`` (from
+            the inputs of training batches, see :mod:`.eva`; PEFTCallback runs it at fit start), ``"loftq"``
+            (QLoRA only, see :mod:`.loftq`) or ``False`` (random B: not a no-op; for tests).
+        eva_config: EVA's settings (an :class:`~lightning_peft.methods.lora.eva.EvaConfig` or a dict of its fields)
+            when ``init_lora_weights="eva"``.
         rank_pattern: ``{regex: r}`` per-module rank overrides (matched against the module name's tail).
         alpha_pattern: ``{regex: alpha}`` per-module alpha overrides.
         trainable_token_indices: Embedding rows trained beside the adapter (peft's option): token ids of the input
@@ -128,6 +139,7 @@ class LoRA(PEFTMethod):
     use_rslora: bool = False
     use_dora: bool = False
     init_lora_weights: InitOption = True
+    eva_config: EvaConfig | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
@@ -166,12 +178,23 @@ class LoRA(PEFTMethod):
         init = self.init_lora_weights
         if not (
             isinstance(init, bool)
-            or init in ("gaussian", "pissa", "olora")
+            or init in ("gaussian", "pissa", "olora", "eva", "loftq")
             or re.fullmatch(r"pissa_niter_\d+", str(init))
         ):
             raise ValueError(
-                f"LoRA init_lora_weights={init!r}: use True, False, 'gaussian', 'pissa', 'pissa_niter_<n>' or "
-                "'olora'."
+                f"LoRA init_lora_weights={init!r}: use True, False, 'gaussian', 'eva', 'loftq' (QLoRA), 'pissa', "
+                "'pissa_niter_<n>' or 'olora'."
+            )
+        if init == "eva":
+            self.eva_config = eva_config_from(self.eva_config)
+        elif self.eva_config is not None:
+            raise ValueError(
+                f"LoRA eva_config is set but init_lora_weights={init!r}; set init_lora_weights='eva' or drop it."
+            )
+        if init == "loftq" and not hasattr(self, "loftq_iter"):
+            raise ValueError(
+                "LoRA init_lora_weights='loftq' needs a quantized base built by LoftQ: use "
+                "QLoRA(init_lora_weights='loftq', ...), which quantizes the residual W - BA itself."
             )
         if self.use_dora and rewrites_base_weight(init):
             raise ValueError(
@@ -270,6 +293,8 @@ class LoRA(PEFTMethod):
                 f"LoRA use_dora=True: DoRA supports Linear, Conv1D and convolution layers; {name} is {kind}."
             )
         init = self.init_lora_weights
+        if init == "eva":
+            check_eva_target(name, layer, r, self.eva_config.rho)
         if rewrites_base_weight(init):
             what = init_display_name(init)
             if not isinstance(layer, LoraLinear):
@@ -290,6 +315,49 @@ class LoRA(PEFTMethod):
                     f"{min(layer.in_features, layer.out_features)} for {name}, got r={r}; lower r (or set "
                     "rank_pattern for this module)."
                 )
+
+    # --- EVA: ranks and A from the data, at fit start ----------------------------------------------------------
+    def needs_training_data(self) -> bool:
+        return self.init_lora_weights == "eva"
+
+    def initialize_from_data(
+        self, model: nn.Module, adapter_name: str, batches: Any, broadcast: Any = None
+    ) -> None:
+        if self.init_lora_weights == "eva":
+            initialize_eva_weights(model, batches, adapter_name, broadcast=broadcast)
+
+    def fit_to_checkpoint(self, model: nn.Module, adapter_name: str, state: dict[str, torch.Tensor]) -> None:
+        if self.init_lora_weights != "eva":
+            return
+        shapes = {}
+        for name, module in model.named_modules():
+            if isinstance(module, LoraLayer) and adapter_name in module.r:
+                saved = state.get(f"{name}.lora_A.{adapter_name}.weight")
+                shapes[name] = None if saved is None else saved.shape
+        if all(shape is None for shape in shapes.values()):
+            return  # not a checkpoint of this adapter: the callback's key check names what is missing
+
+        def alpha_of(name: str, rank: int) -> float:
+            r = int(pattern_value(name, self.rank_pattern, self.r))
+            return eva_alpha(pattern_value(name, self.alpha_pattern, self.alpha), r, rank, self.eva_config)
+
+        fit_to_saved(model, adapter_name, alpha_of, self.use_rslora, shapes)
+
+    def _eva_file_fields(self, model: nn.Module, adapter_name: str, targeted: list[str]) -> dict[str, Any]:
+        """EVA's per-module ranks and alphas as peft writes them: ``{module name: value}`` where they differ from
+        ``r`` / ``alpha`` (peft replaces the patterns by these), and peft's ``eva_config``."""
+        if self.init_lora_weights != "eva":
+            return {}
+        rank_pattern, alpha_pattern = {}, {}
+        for name in targeted:
+            rank = model.get_submodule(name).r[adapter_name]
+            r = int(pattern_value(name, self.rank_pattern, self.r))
+            alpha = eva_alpha(pattern_value(name, self.alpha_pattern, self.alpha), r, rank, self.eva_config)
+            if rank != self.r:
+                rank_pattern[name] = rank
+            if alpha != self.alpha:
+                alpha_pattern[name] = alpha
+        return {"rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "eva_config": self.eva_config.to_peft()}
 
     def extra_state_names(self, model: nn.Module, adapter_name: str) -> list[str]:
         if self.bias == "all":
@@ -335,6 +403,7 @@ class LoRA(PEFTMethod):
                 getattr(m, "fan_in_fan_out", False) for n, m in model.named_modules() if n in targeted
             ),
             "trainable_token_indices": self.trainable_token_indices,
+            **self._eva_file_fields(model, adapter_name, targeted),
             # The exact parameter names, as for target_modules (peft matches them by the same suffix rule).
             "target_parameters": wrapped_parameter_names(model, adapter_name) or None,
         }
@@ -356,13 +425,19 @@ class LoRA(PEFTMethod):
             use_rslora=config.get("use_rslora", False),
             use_dora=config.get("use_dora")
             or False,  # absent (or null) in pre-DoRA files: explicitly plain LoRA
-            init_lora_weights=config.get("init_lora_weights", True),
+            # EVA and LoftQ set A/B once, from data or the base; a saved adapter holds them (and its ranks): as
+            # peft's own LoftQ example does, load it as plain LoRA.
+            init_lora_weights=_loaded_init(config.get("init_lora_weights", True)),
             rank_pattern=dict(config.get("rank_pattern") or {}),
             alpha_pattern=dict(config.get("alpha_pattern") or {}),
             trainable_token_indices=config.get("trainable_token_indices"),
             target_parameters=config.get("target_parameters"),
             modules_to_save=config.get("modules_to_save"),
         )
+
+
+def _loaded_init(init: InitOption) -> InitOption:
+    return True if init in ("eva", "loftq") else init
 
 
 def _warn_about_ranks_beyond_width(planned: list[tuple[str, nn.Module, LoraLayer, int, float]]) -> None:

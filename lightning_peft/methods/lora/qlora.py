@@ -45,6 +45,7 @@ from lightning_peft.methods.lora.layers import (
     init_display_name,
     rewrites_base_weight,
 )
+from lightning_peft.methods.lora.loftq import apply_loftq
 from lightning_peft.methods.lora.lora import LoRA
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -140,6 +141,8 @@ class QLoRA(LoRA):
         gradient_checkpointing: ``True``/``False`` switches activation checkpointing of a transformers model on or
             off; ``None`` leaves it as it is.
         use_reentrant: The checkpointing variant used when ``gradient_checkpointing=True``.
+        loftq_iter: With ``init_lora_weights="loftq"``: LoftQ's alternating iterations (see :mod:`.loftq`; the
+            model must then still be in full precision, so LoftQ can read the weights it quantizes).
     """
 
     target_modules: list[str] | str | None = "all-linear"
@@ -150,6 +153,7 @@ class QLoRA(LoRA):
     prepare_for_kbit_training: bool = True
     gradient_checkpointing: bool | None = None
     use_reentrant: bool = True
+    loftq_iter: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(
@@ -171,16 +175,28 @@ class QLoRA(LoRA):
             raise ValueError(
                 f"QLoRA init_lora_weights={init!r}: {init_display_name(init)} cannot rewrite a 4-bit base weight."
             )
+        if not isinstance(self.loftq_iter, int) or isinstance(self.loftq_iter, bool) or self.loftq_iter < 1:
+            raise ValueError(f"QLoRA loftq_iter={self.loftq_iter!r} must be an integer >= 1 (peft's default: 1).")
 
     def inject_layers(self, model: nn.Module, adapter_name: str) -> None:
         # LoRA's targets are checked before quantizing (quantize checks its own selection before replacing
         # anything), so a bad name leaves the model unquantized.
-        find_targets(
+        targets = find_targets(
             model, self.resolve_target_modules(model), supported=(nn.Module,), exclude_modules=self.exclude_modules,
             skip=self.modules_to_save or (), method="QLoRA",
         )  # fmt: skip
-        if not any(is_quantized_linear(m) for m in model.modules()):
-            quantize(
+        loftq = self.init_lora_weights == "loftq"
+        already_quantized = any(is_quantized_linear(m) for m in model.modules())
+        if loftq and already_quantized:
+            raise ValueError(
+                "QLoRA init_lora_weights='loftq' needs the full-precision weights it quantizes, but this model is "
+                "already quantized (bitsandbytes layers). Load the model unquantized and let QLoRA quantize it."
+            )
+        # LoftQ reads the full-precision weights after quantization replaced their layers (references, no copies).
+        originals = {n: m.weight.detach() for n, m in targets if loftq and isinstance(m, nn.Linear)}
+        quantized: list[str] = []
+        if not already_quantized:
+            quantized = quantize(
                 model, self.quantize_modules, quant_type=self.quant_type, double_quant=self.double_quant,
                 compute_dtype=COMPUTE_DTYPES[self.compute_dtype], skip=self.modules_to_save or (),
             )  # fmt: skip
@@ -189,3 +205,15 @@ class QLoRA(LoRA):
         if self.gradient_checkpointing is not None:
             set_gradient_checkpointing(model, self.gradient_checkpointing, self.use_reentrant)
         super().inject_layers(model, adapter_name)
+        if loftq:
+            settings = {
+                "quant_type": self.quant_type, "double_quant": self.double_quant,
+                "compute_dtype": COMPUTE_DTYPES[self.compute_dtype],
+            }  # fmt: skip
+            apply_loftq(model, adapter_name, originals, quantized, self.loftq_iter, settings)
+
+    def to_peft_config(self, model: nn.Module, adapter_name: str) -> dict:
+        config = super().to_peft_config(model, adapter_name)
+        if self.init_lora_weights == "loftq":
+            config["init_lora_weights"] = True  # A, B are in the file: peft must not re-run LoftQ when loading it
+        return config
