@@ -27,6 +27,7 @@ from lightning_peft import (
 from lightning_peft.core.injection import adapter_state_keys, set_adapter
 from lightning_peft.methods import LoRA
 from lightning_peft.methods.lora.param_wrapper import LoraParamWrapper
+from lightning_peft.methods.lora.weighted import add_weighted_adapter
 from lightning_peft.testing.checks import randomise
 from tests.architecture_matrix import FAMILIES
 from tests.tiny_models import tiny_llama, token_batch
@@ -327,3 +328,11 @@ def test_only_parameters_round_trip_through_peft_config(tmp_path: Path) -> None:
     assert max_diff(logits(theirs), logits(model)) < 1e-5
     loaded = load_adapter(moe(), tmp_path)
     assert torch.equal(logits(loaded), logits(model))
+
+
+def test_weighted_combination_of_parameter_adapters_is_refused() -> None:
+    model = inject(moe(), LoRA(r=2, target_modules=[], target_parameters=EXPERTS))
+    inject(model, LoRA(r=2, target_modules=[], target_parameters=EXPERTS), "b")
+    with pytest.raises(ValueError, match="adapts parameters directly"):
+        add_weighted_adapter(model, ["default", "b"], [0.5, 0.5], "mix")
+    assert sorted(model._lightning_peft.methods) == ["b", "default"]

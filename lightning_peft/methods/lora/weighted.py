@@ -129,6 +129,11 @@ def add_weighted_adapter(
                 f"Adapter '{adapter}' is {method.name}{' with DoRA' if getattr(method, 'use_dora', False) else ''}; "
                 "only plain LoRA adapters can be combined."
             )
+        if getattr(method, "target_parameters", None):
+            raise ValueError(
+                f"Adapter '{adapter}' adapts parameters directly (target_parameters): weighted combinations are "
+                "defined for LoRA on modules only (as in peft). Combine adapters without target_parameters."
+            )
     # Module order (not sorted names): the DARE masks draw from the RNG layer by layer, in peft's order.
     layers = {name: layer for name, layer in adapter_layers(model) if isinstance(layer, LoraLayer)}
     holding = {a: [n for n, layer in layers.items() if a in layer.r] for a in adapters}
