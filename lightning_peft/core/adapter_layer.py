@@ -21,6 +21,13 @@ def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
     return base_weight.dtype if base_weight.dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def oriented(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """``weight`` in the ``(out, in)`` orientation of ``nn.Linear`` when it is stored ``(in, out)`` (``fan_in_fan_out``:
+    transformers' GPT-2 ``Conv1D``), else unchanged. A transpose is its own inverse, so the same call turns an
+    ``(out, in)`` update back into the stored layout."""
+    return weight.T if fan_in_fan_out else weight
+
+
 class NotMergeableError(RuntimeError):
     """Raised when merge is requested for a method that cannot fold into the base weights."""
 

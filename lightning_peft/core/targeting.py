@@ -103,6 +103,28 @@ def pattern_value(name: str, patterns: dict[str, int | float], default: int | fl
     return default
 
 
+def default_targets(
+    model: nn.Module,
+    table: dict[str, list[str]],
+    *,
+    method: str,
+    fix: str,
+    option: str = "target_modules",
+    separator: str = ";",
+) -> list[str]:
+    """A method's default modules for ``model`` (``option`` was not given): ``table[model.config.model_type]``.
+
+    Raises:
+        ValueError: no entry for the model's type; the message names the option to pass and, in ``fix``, how.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in table:
+        raise ValueError(
+            f"{method}: {option} is required for this model (no default for model_type={model_type!r}){separator} {fix}"
+        )
+    return table[model_type]
+
+
 def output_head_names(model: nn.Module) -> set[str]:
     """Names of the output head(s), which ``"all-linear"`` leaves alone (as peft does)."""
     heads: set[str] = set()

@@ -17,9 +17,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lightning_peft.core.adapter_layer import AdapterLayer, adapter_dtype
+from lightning_peft.core.adapter_layer import AdapterLayer, adapter_dtype, oriented
 from lightning_peft.core.contract import PEFTMethod, register_method
-from lightning_peft.core.targeting import find_targets, name_matches, replace_module
+from lightning_peft.core.targeting import default_targets, find_targets, name_matches, replace_module
 from lightning_peft.core.transformers_compat import Conv1D
 
 #: Defaults per transformers ``model_type``: keys, values and the feed-forward down-projection (the paper's
@@ -95,10 +95,7 @@ class IA3Layer(AdapterLayer):
         if self.conv_dims:
             self.out_features, self.in_features = base_layer.out_channels, base_layer.in_channels
         else:
-            self.out_features, self.in_features = self._oriented(base_layer.weight).shape
-
-    def _oriented(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.T if self.fan_in_fan_out else weight
+            self.out_features, self.in_features = oriented(base_layer.weight, self.fan_in_fan_out).shape
 
     def add_adapter(self, adapter_name: str, is_feedforward: bool, init_ia3_weights: bool) -> None:  # type: ignore[override]
         weight = self.base_layer.weight
@@ -177,8 +174,8 @@ class IA3Layer(AdapterLayer):
             side = (1, -1) if self.is_feedforward[adapter_name] else (-1, 1)
             l = l.flatten().view(*side, *(1,) * self.conv_dims)  # noqa: E741
         with torch.no_grad():
-            oriented = self._oriented(base.weight)  # (out, in)
-            weight = self._oriented(oriented / l if undo else oriented * l).to(base.weight.dtype)
+            out_in = oriented(base.weight, self.fan_in_fan_out)  # (out, in)
+            weight = oriented(out_in / l if undo else out_in * l, self.fan_in_fan_out).to(base.weight.dtype)
             bias = None
             if not self.is_feedforward[adapter_name] and base.bias is not None:
                 bias = (base.bias / l.flatten() if undo else base.bias * l.flatten()).to(base.bias.dtype)
@@ -246,23 +243,18 @@ class IA3(PEFTMethod):
                 )
 
     def _resolved(self, model: nn.Module) -> tuple[list[str] | str, list[str] | str]:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
         targets, feedforward = self.target_modules, self.feedforward_modules
         if targets is None:
-            if model_type not in DEFAULT_TARGETS:
-                raise ValueError(
-                    f"IA3: target_modules is required for this model (no default for model_type={model_type!r}); "
-                    "pass the key, value and feed-forward output layers, e.g. target_modules=['k_proj', 'v_proj', "
-                    "'down_proj'], feedforward_modules=['down_proj']."
-                )
-            targets = DEFAULT_TARGETS[model_type]
+            fix = (
+                "pass the key, value and feed-forward output layers, e.g. target_modules=['k_proj', 'v_proj', "
+                "'down_proj'], feedforward_modules=['down_proj']."
+            )
+            targets = default_targets(model, DEFAULT_TARGETS, method="IA3", fix=fix)
         if feedforward is None:
-            if model_type not in DEFAULT_FEEDFORWARD:
-                raise ValueError(
-                    f"IA3: feedforward_modules is required for this model (no default for model_type={model_type!r}): "
-                    "name the targets whose input should be scaled, or pass feedforward_modules=[] for none."
-                )
-            feedforward = DEFAULT_FEEDFORWARD[model_type]
+            fix = "name the targets whose input should be scaled, or pass feedforward_modules=[] for none."
+            feedforward = default_targets(
+                model, DEFAULT_FEEDFORWARD, method="IA3", fix=fix, option="feedforward_modules", separator=":"
+            )
         return targets, feedforward
 
     def inject_layers(self, model: nn.Module, adapter_name: str) -> None:

@@ -19,6 +19,7 @@ from transformers.pytorch_utils import Conv1D
 from lightning_peft import inject, merge
 from lightning_peft.methods import LoRA
 from lightning_peft.methods.lora.layers import LoraLinear
+from lightning_peft.methods.lora.variants import attach_gate
 
 
 def _adapted(base_kind: str, **lora: object) -> tuple[nn.Module, LoraLinear]:
@@ -182,7 +183,7 @@ def test_merged_and_autocast_take_the_module_path() -> None:
 
 
 def _gated(layer: LoraLinear) -> None:
-    layer.lora_gate["default"] = nn.Sequential(nn.Linear(16, 1), nn.Sigmoid())
+    attach_gate(layer, "default", nn.Sequential(nn.Linear(16, 1), nn.Sigmoid()))
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,8 @@ https://arxiv.org/abs/2110.07577, sec. 3.2): a part that does not help a task ca
 hurting it. Each gated part here is the existing method with a gate added through an optional hook of its layer,
 not a copy of it:
 
-* :class:`GatedLoRA`: ``W x + g(x) * s * B A x``, ``g`` per token from the layer's input ``x``
-  (``LoraLayer.lora_gate``);
+* :class:`GatedLoRA`: ``W x + g(x) * s * B A x``, ``g`` per token from the layer's input ``x`` (a LoRA variant,
+  :class:`~lightning_peft.methods.lora.variants.GatedVariant`; the gate module in ``lora_gate``);
 * :class:`GatedAdapter`: ``h + s * g(h) * f(h)``, ``g`` per token from the bottleneck's input ``h``
   (a :class:`GatedBottleneck`, ``Adapter.bottleneck_class``);
 * :class:`GatedPrefixTuning`: layer ``i``'s prefix keys and values are multiplied by ``g_i``, computed from that
@@ -36,6 +36,7 @@ from lightning_peft.core.adapter_layer import AdapterLayer, adapter_layers
 from lightning_peft.methods.adapter import Adapter, Bottleneck
 from lightning_peft.methods.lora.layers import LoraLayer, LoraLinear
 from lightning_peft.methods.lora.lora import LoRA
+from lightning_peft.methods.lora.variants import attach_gate
 from lightning_peft.methods.prompt.hooks import CACHE_TAG, INPUT_MASK_TAG
 from lightning_peft.methods.prompt.prefix_tuning import PrefixTuning
 from lightning_peft.methods.prompt.prompting import embedding_weight, find_host
@@ -78,8 +79,8 @@ class GatedLoRA(LoRA):
                     "Choose linear target_modules (e.g. the attention's query and value projections)."
                 )
             weight = layer.lora_A[adapter_name].weight
-            layer.lora_gate[adapter_name] = Gate(
-                layer.in_features, 1, device=weight.device, dtype=weight.dtype
+            attach_gate(
+                layer, adapter_name, Gate(layer.in_features, 1, device=weight.device, dtype=weight.dtype)
             )
 
 

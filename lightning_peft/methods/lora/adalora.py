@@ -33,10 +33,10 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_peft.core.adapter_layer import AdapterLayer, adapter_dtype, adapter_layers
+from lightning_peft.core.adapter_layer import AdapterLayer, adapter_dtype, adapter_layers, oriented
 from lightning_peft.core.contract import PEFTMethod, register_method
 from lightning_peft.core.injection import clean_key, injection_record
-from lightning_peft.core.targeting import find_targets, replace_module
+from lightning_peft.core.targeting import default_targets, find_targets, replace_module
 from lightning_peft.core.transformers_compat import Conv1D
 from lightning_peft.methods.lora.lora import DEFAULT_TARGETS
 
@@ -71,7 +71,7 @@ class SVDLayer(AdapterLayer):
         self.lora_E = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        self.out_features, self.in_features = self._oriented(base_layer.weight).shape
+        self.out_features, self.in_features = oriented(base_layer.weight, self.fan_in_fan_out).shape
         self.scaling: dict[str, float] = {}
         self.ranknum: dict[str, float] = {}  # init_r: the scale's denominator, fixed even after pruning
         #: Which of the init_r original triplets the tensors hold (all, unless built from a saved rank_pattern).
@@ -80,9 +80,6 @@ class SVDLayer(AdapterLayer):
         self.rank_mask: dict[str, torch.Tensor] = {}
         #: Per adapter and tensor name: (EMA of importance, EMA of its uncertainty).
         self.importance: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
-
-    def _oriented(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.T if self.fan_in_fan_out else weight
 
     def add_adapter(  # type: ignore[override]
         self, adapter_name: str, init_r: int, alpha: float, dropout: float, init: bool, kept: list[bool]
@@ -116,7 +113,7 @@ class SVDLayer(AdapterLayer):
         A, B, E = self.lora_A[adapter_name], self.lora_B[adapter_name], self.lora_E[adapter_name]
         scale = self.scaling[adapter_name] / (self.ranknum[adapter_name] + _EPS)
         delta = B @ (A * E) * scale  # (out, r) @ ((r, in) * (r, 1)) -> (out, in)
-        return self._oriented(delta).to(self.base_layer.weight.dtype)
+        return oriented(delta, self.fan_in_fan_out).to(self.base_layer.weight.dtype)
 
     def check_merge(self, adapter_name: str) -> None:
         self.check_finite(
@@ -240,13 +237,8 @@ class AdaLoRA(PEFTMethod):
     def inject_layers(self, model: nn.Module, adapter_name: str) -> None:
         targets = self.target_modules
         if targets is None:
-            model_type = getattr(getattr(model, "config", None), "model_type", None)
-            if model_type not in DEFAULT_TARGETS:
-                raise ValueError(
-                    f"AdaLoRA: target_modules is required for this model (no default for model_type={model_type!r})"
-                    "; pass e.g. target_modules=['q_proj', 'v_proj']."
-                )
-            targets = DEFAULT_TARGETS[model_type]
+            fix = "pass e.g. target_modules=['q_proj', 'v_proj']."
+            targets = default_targets(model, DEFAULT_TARGETS, method="AdaLoRA", fix=fix)
         found = find_targets(
             model,
             targets,

@@ -1,6 +1,8 @@
 """LoRA's layers: the wrappers that hold the low-rank weights around ``nn.Linear``, GPT-2's ``Conv1D``,
 ``nn.Embedding`` and ``nn.Conv1d/2d/3d`` (and, through :data:`LAYER_RESOLVERS`, bitsandbytes layers), their
-forward, merge and DoRA numerics. The method's configuration and injection are in :mod:`.lora`.
+plain-LoRA forward and merge. What an adapter computes beyond plain LoRA is its variant's (:mod:`.variants`:
+DoRA in :mod:`.dora`, UniPELT's gate); mixed batches are :class:`~.rows.PerRowUpdates`'. The method's
+configuration and injection are in :mod:`.lora`.
 
 Numerics and parameter names follow Hugging Face ``peft`` so saved adapters load there.
 """
@@ -15,10 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.core.adapter_layer import AdapterLayer, NotMergeableError, adapter_dtype
+from lightning_peft.core.adapter_layer import NotMergeableError, adapter_dtype, oriented
 from lightning_peft.core.contract import about_to_change_base
 from lightning_peft.core.transformers_compat import Conv1D
-from lightning_peft.methods.lora.kernels import FusedDoraLinear, FusedLoraLinear
+from lightning_peft.methods.lora.dora import ConvDora, LinearDora
+from lightning_peft.methods.lora.kernels import FusedLoraLinear
+from lightning_peft.methods.lora.rows import PerRowUpdates
+from lightning_peft.methods.lora.variants import GatedVariant, LoraVariant
 
 InitOption = bool | Literal["gaussian", "pissa", "olora"] | str
 
@@ -34,20 +39,30 @@ def init_display_name(init: InitOption) -> str:
     return "OLoRA" if init == "olora" else "PiSSA"
 
 
-class LoraLayer(AdapterLayer):
-    """Common state of the LoRA wrappers: per-adapter rank, scale, dropout and weights."""
+#: The variants' tensor containers (``lora_magnitude_vector``, ``lora_gate``): every LoRA layer has them, empty
+#: unless an adapter uses the variant.
+VARIANT_CONTAINERS: dict[str, type[nn.Module]] = {
+    **LinearDora.containers,
+    **ConvDora.containers,
+    **GatedVariant.containers,
+}
+
+
+class LoraLayer(PerRowUpdates):
+    """Common state of the LoRA wrappers: per-adapter rank, scale, dropout and weights, and the adapters'
+    variants (``lora_variant``: absent for plain LoRA)."""
 
     adapter_attrs = (
         "lora_A",
         "lora_B",
         "lora_embedding_A",
         "lora_embedding_B",
-        "lora_magnitude_vector",
         "lora_dropout",
-        "lora_gate",
+        *VARIANT_CONTAINERS,
     )
-    adapter_settings = ("r", "scaling", "_dora_norms")
-    supports_mixed_batch = True
+    adapter_settings = ("r", "scaling", "lora_variant")
+    #: The DoRA variant of this layer kind (None: DoRA is refused).
+    dora_variant: type[LoraVariant] | None = None
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -55,13 +70,12 @@ class LoraLayer(AdapterLayer):
         self.lora_B = nn.ModuleDict()
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
-        self.lora_magnitude_vector = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
-        # Optional per adapter: a module mapping the input (..., in) to a (..., 1) factor on the update (UniPELT).
-        self.lora_gate = nn.ModuleDict()
+        for attr, container in VARIANT_CONTAINERS.items():
+            setattr(self, attr, container())
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
-        self._dora_norms: dict[str, torch.Tensor] = {}  # weight norms used at merge time, needed to unmerge
+        self.lora_variant: dict[str, LoraVariant] = {}
 
     def add_adapter(  # type: ignore[override]
         self,
@@ -80,8 +94,14 @@ class LoraLayer(AdapterLayer):
         self.create_weights(adapter_name, r, device=weight.device, dtype=adapter_dtype(weight))
         self.initialise(adapter_name, init)
         if use_dora:
-            with torch.no_grad():
-                self.lora_magnitude_vector[adapter_name] = nn.Parameter(self.weight_norm(adapter_name))
+            if self.dora_variant is None:
+                raise ValueError(
+                    f"DoRA is supported on Linear, GPT-2 Conv1D and convolution layers, not "
+                    f"{type(self.base_layer).__name__}."
+                )
+            variant = self.dora_variant()
+            variant.create(self, adapter_name)
+            self.lora_variant[adapter_name] = variant
         self.active_adapters = [*self.active_adapters, adapter_name]
 
     # --- implemented per layer kind --------------------------------------------------------------------------
@@ -113,38 +133,23 @@ class LoraLayer(AdapterLayer):
         """The base weight as floats in the base layer's own layout (quantized bases dequantize here)."""
         return self.base_layer.weight
 
-    def weight_norm(self, adapter_name: str) -> torch.Tensor:
-        raise ValueError(
-            f"DoRA is supported on Linear, GPT-2 Conv1D and convolution layers, not {type(self.base_layer).__name__}."
-        )
-
-    # --- merging -------------------------------------------------------------------------------------------
-    def _merged_weight(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The base weight with the adapter folded in (refused if not finite), and DoRA's norm (else None)."""
-        if adapter_name in self.lora_gate:
-            raise NotMergeableError(
-                f"LoRA adapter '{adapter_name}' is gated per input (UniPELT): its update depends on the input, so it "
-                "cannot fold into a weight."
-            )
+    # --- merging: the variant folds the update in (plain LoRA: W + sBA) -------------------------------------
+    def _merged_weight(self, adapter_name: str, commit: bool = False) -> torch.Tensor:
+        """The base weight with the adapter folded in, refused if not finite; ``commit``: it will be written."""
+        variant = self.lora_variant.get(adapter_name, _PLAIN)
         weight = self.base_weight()
         with torch.no_grad():
             delta = self.delta_weight(adapter_name)
-            norm = None
-            if adapter_name in self.lora_magnitude_vector:
-                norm = self.weight_norm(adapter_name)
-                new = self._oriented(self._dora_factor(adapter_name, norm) * self._oriented(weight + delta))
-            else:
-                new = weight + delta
+            merge = variant.merge if commit else variant.merged_weight
+            new = merge(self, adapter_name, weight, delta)
         self.check_finite(new, adapter_name, type(self.base_layer).__name__)
-        return new, norm
+        return new
 
     def check_merge(self, adapter_name: str) -> None:
         self._merged_weight(adapter_name)
 
     def merge_adapter(self, adapter_name: str) -> None:
-        new, norm = self._merged_weight(adapter_name)
-        if norm is not None:
-            self._dora_norms[adapter_name] = norm
+        new = self._merged_weight(adapter_name, commit=True)
         with torch.no_grad():
             self.base_layer.weight.copy_(new)
 
@@ -152,54 +157,30 @@ class LoraLayer(AdapterLayer):
         weight = self.base_layer.weight
         with torch.no_grad():
             delta = self.delta_weight(adapter_name)
-            if adapter_name in self.lora_magnitude_vector:
-                factor = self._dora_factor(adapter_name, self._dora_norms.pop(adapter_name))
-                weight.copy_(self._oriented(self._oriented(weight) / factor) - delta)
-            else:
+            variant = self.lora_variant.get(adapter_name)
+            if variant is None:
                 weight.sub_(delta)
+            else:
+                weight.copy_(variant.unmerged_weight(self, adapter_name, weight, delta))
 
-    def _dora_factor(self, adapter_name: str, norm: torch.Tensor) -> torch.Tensor:
-        # (out,) -> (out, 1): one magnitude per output row of the (out, in) weight
-        return (self.lora_magnitude_vector[adapter_name] / norm).unsqueeze(1).to(self.base_layer.weight.dtype)
-
-    def _oriented(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight
-
+    # --- forward: base output plus each adapter's update --------------------------------------------------------
     def adapted_forward(
         self, adapter_names: list[str], x: torch.Tensor, *args: Any, **kwargs: Any
     ) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         for name in adapter_names:
-            result = self.add_update(name, x, result)
+            result = result + self.adapter_update(name, x, result).to(result.dtype)
         return result
 
-    def add_update(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """``result`` plus this adapter's update (scaled per input by its gate, if any: UniPELT)."""
-        update = self.adapter_output(adapter_name, x, result)
-        if adapter_name in self.lora_gate:  # (..., 1) in (0, 1): the update's share for this input
-            update = self.lora_gate[adapter_name](x) * update
-        return result + update.to(result.dtype)
+    def holds(self, adapter_name: str) -> bool:
+        return adapter_name in self.r
 
-    def forward_rows(
-        self, rows: list[str | None], x: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> torch.Tensor:
-        """Mixed batch: each row gets the update of its own adapter in ``rows``; ``None`` rows stay base."""
-        result = self.base_layer(x, *args, **kwargs)
-        if x.shape[0] != len(rows):
-            raise ValueError(
-                f"mixed_batch was given {len(rows)} adapter names but {type(self.base_layer).__name__} got a batch of "
-                f"{x.shape[0]} rows; pass one name (or None) per row of the batch."
-            )
-        for name in dict.fromkeys(rows):
-            if name is None or name not in self.r:  # no such adapter here: those rows stay base
-                continue
-            index = torch.tensor([i for i, n in enumerate(rows) if n == name], device=result.device)
-            sub_x = x.index_select(0, index)  # (rows of this adapter, ...)
-            update = self.adapter_output(name, sub_x, result.index_select(0, index))
-            if name in self.lora_gate:
-                update = self.lora_gate[name](sub_x) * update
-            result = result.index_add(0, index, update.to(result.dtype))
-        return result
+    def adapter_update(self, adapter_name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
+        """What the adapter adds to ``base_result``: its variant's update, or plain LoRA's :meth:`adapter_output`."""
+        variant = self.lora_variant.get(adapter_name)
+        if variant is None:
+            return self.adapter_output(adapter_name, x, base_result)
+        return variant.update(self, adapter_name, x, base_result)
 
     def dropped_input(self, adapter_name: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``x`` in the adapter's dtype through its dropout; at p = 0 (an Identity) no module is called at all."""
@@ -208,24 +189,29 @@ class LoraLayer(AdapterLayer):
         return x if isinstance(dropout, nn.Identity) else dropout(x)
 
     def adapter_output(self, adapter_name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
+        """Plain LoRA's update ``s B A dropout(x)``."""
         A, B = self.lora_A[adapter_name], self.lora_B[adapter_name]
         dropped = self.dropped_input(adapter_name, x, A.weight.dtype)
         scaling = self.scaling[adapter_name]
         after_A = A(dropped)  # (..., in) -> (..., r); scaled here, where it is r wide, not at (..., out)
-        return B(after_A if scaling == 1 else after_A * scaling)
+        # A tensor scale (hotswap-ready: formats/hotswap.py) always multiplies: comparing it would break the graph.
+        return B(after_A if not torch.is_tensor(scaling) and scaling == 1 else after_A * scaling)
+
+
+#: The variant of plain LoRA adapters (they hold none): its hooks are plain LoRA's.
+_PLAIN = LoraVariant()
 
 
 class LoraLinear(LoraLayer):
     """LoRA around ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2; weight stored as (in, out))."""
 
+    dora_variant = LinearDora
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        out_features, in_features = self._oriented(base_layer.weight).shape
+        out_features, in_features = oriented(base_layer.weight, self.fan_in_fan_out).shape
         self.in_features, self.out_features = in_features, out_features
-
-    def _oriented(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.T if self.fan_in_fan_out else weight
 
     def adapted_forward(
         self, adapter_names: list[str], x: torch.Tensor, *args: Any, **kwargs: Any
@@ -233,14 +219,10 @@ class LoraLinear(LoraLayer):
         name = self.fusable_adapter(x, args, kwargs)
         if name is None:
             return super().adapted_forward(adapter_names, x, *args, **kwargs)
+        variant = self.lora_variant.get(name)
+        if variant is not None:
+            return variant.fused_forward(self, name, x)
         base, A, B = self.base_layer, self.lora_A[name], self.lora_B[name]
-        if name in self.lora_magnitude_vector:  # DoRA's base term sees the dropped input only while training
-            dropout = self.lora_dropout[name]
-            dropped = x if isinstance(dropout, nn.Identity) or not self.training else dropout(x)
-            return FusedDoraLinear.apply(
-                x, None if dropped is x else dropped, base.weight, base.bias, A.weight, B.weight,
-                self.lora_magnitude_vector[name], self.weight_norm(name), self.scaling[name], self.fan_in_fan_out,
-            )  # fmt: skip
         dropped = self.dropped_input(name, x, x.dtype)
         return FusedLoraLinear.apply(
             x, None if dropped is x else dropped, base.weight, base.bias, A.weight, B.weight,
@@ -251,27 +233,28 @@ class LoraLinear(LoraLayer):
         """The one pending adapter when the fused kernel computes exactly what the modules would, else None.
 
         That takes a plain ``nn.Linear``/``Conv1D`` base and plain ``nn.Linear`` adapters with no hooks (FSDP
-        units, quantized or tensor-parallel weights run through the modules), one plain LoRA or DoRA adapter (no
-        gate or mixed batch), one dtype throughout and no autocast. A DoRA adapter's dropout must be in the
-        layer's own train/eval mode (the module path keys the base term on the layer's, the mask on the dropout's).
+        units, quantized or tensor-parallel weights run through the modules), one pending adapter that is plain
+        LoRA or has a variant whose own kernel is exact (:meth:`LoraVariant.fusable`: DoRA's; a gate's never), no
+        mixed batch, one dtype throughout and no autocast.
         """
         if self.disabled or self.row_adapters is not None or args or kwargs:
             return None
         pending = self.pending_adapters()
-        if len(pending) != 1 or pending[0] in self.lora_gate:
+        if len(pending) != 1:
             return None
         name = pending[0]
+        if torch.is_tensor(self.scaling[name]):  # hotswap-ready (a graph input): the kernel takes a float scale
+            return None
         base, A, B = self.base_layer, self.lora_A[name], self.lora_B[name]
         if type(base) not in (nn.Linear, Conv1D) or type(A) is not nn.Linear or type(B) is not nn.Linear:
             return None
         if any(_has_hooks(m) for m in (base, A, B)) or torch.is_autocast_enabled(x.device.type):
             return None
-        magnitude, dropout = self.lora_magnitude_vector.get(name), self.lora_dropout[name]
-        mode_differs = not isinstance(dropout, nn.Identity) and dropout.training != self.training
-        if magnitude is not None and mode_differs:
-            return None
-        tensors = [t for t in (base.weight, base.bias, A.weight, B.weight, magnitude) if t is not None]
+        tensors = [t for t in (base.weight, base.bias, A.weight, B.weight) if t is not None]
         if any(type(t) is not nn.Parameter or t.dtype != x.dtype or t.device != x.device for t in tensors):
+            return None
+        variant = self.lora_variant.get(name)
+        if variant is not None and not variant.fusable(self, name, x):
             return None
         return name
 
@@ -291,7 +274,7 @@ class LoraLinear(LoraLayer):
         r, scaling = self.r[adapter_name], self.scaling[adapter_name]
         weight = self.base_layer.weight
         with torch.no_grad():
-            W = self._oriented(weight).float()  # (out, in)
+            W = oriented(weight, self.fan_in_fan_out).float()  # (out, in)
             if init == "pissa":
                 U, S, Vh = torch.linalg.svd(W, full_matrices=False)
             else:  # "pissa_niter_<n>": randomised SVD, n subspace iterations
@@ -304,7 +287,7 @@ class LoraLinear(LoraLayer):
             self.lora_B[adapter_name].weight.copy_(B)
             # The base keeps the residual, so the adapted output equals the original at init.
             about_to_change_base(weight)
-            weight.copy_(self._oriented(W - scaling * (B @ A)).to(weight.dtype))
+            weight.copy_(oriented(W - scaling * (B @ A), self.fan_in_fan_out).to(weight.dtype))
 
     def _olora_init(self, adapter_name: str) -> None:
         """OLoRA (Büyükakyüz 2024, https://arxiv.org/abs/2406.01775): ``W = Q R`` (reduced QR), ``B = Q[:, :r]``
@@ -313,40 +296,18 @@ class LoraLinear(LoraLayer):
         r, scaling = self.r[adapter_name], self.scaling[adapter_name]
         weight = self.base_layer.weight
         with torch.no_grad():
-            W = self._oriented(weight).float()  # (out, in)
+            W = oriented(weight, self.fan_in_fan_out).float()  # (out, in)
             Q, R = torch.linalg.qr(W)  # (out, k) @ (k, in), k = min(out, in) >= r (checked at injection)
             B, A = Q[:, :r], R[:r]  # (out, r), (r, in)
             self.lora_A[adapter_name].weight.copy_(A)
             self.lora_B[adapter_name].weight.copy_(B)
             about_to_change_base(weight)
-            weight.copy_(self._oriented(W - scaling * (B @ A)).to(weight.dtype))
+            weight.copy_(oriented(W - scaling * (B @ A), self.fan_in_fan_out).to(weight.dtype))
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         delta = (B @ A) * self.scaling[adapter_name]  # (out, r) @ (r, in) -> (out, in)
-        return self._oriented(delta).to(self.base_layer.weight.dtype)
-
-    def weight_norm(self, adapter_name: str) -> torch.Tensor:
-        # ||W + sBA|| per output row, a constant to autograd as in the DoRA paper (sec. 4.3): built under no_grad,
-        # so neither the (out, in) sum nor its graph is kept or even recorded
-        with torch.no_grad():
-            weight = self._oriented(self.base_weight() + self.delta_weight(adapter_name))
-            return weight.norm(p=2, dim=1).to(adapter_dtype(self.base_layer.weight))
-
-    def adapter_output(self, adapter_name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
-        if adapter_name not in self.lora_magnitude_vector:
-            return super().adapter_output(adapter_name, x, base_result)
-        # DoRA: y = Wx + (m/||W+sBA|| - 1) Wx + (m/||W+sBA||) sBAx
-        A, B = self.lora_A[adapter_name], self.lora_B[adapter_name]
-        dropout, scaling = self.lora_dropout[adapter_name], self.scaling[adapter_name]
-        dropped = dropout(x.to(A.weight.dtype))
-        scale = self.lora_magnitude_vector[adapter_name] / self.weight_norm(adapter_name)  # (out,)
-        if isinstance(dropout, nn.Identity) or not self.training:
-            bias = self.base_layer.bias
-            base_no_bias = base_result if bias is None else base_result - bias
-        else:  # the base term must see the same dropped input as the LoRA term
-            base_no_bias = F.linear(dropped, self._oriented(self.base_weight()).to(dropped.dtype))
-        return (scale - 1) * base_no_bias.to(scale.dtype) + scale * B(A(dropped)) * scaling
+        return oriented(delta, self.fan_in_fan_out).to(self.base_layer.weight.dtype)
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -401,6 +362,8 @@ class LoraEmbedding(LoraLayer):
 class LoraConv(LoraLayer):
     """LoRA on ``nn.Conv1d/2d/3d``: ``A`` is a conv with the base's kernel and ``r`` channels, ``B`` a 1x1 conv."""
 
+    dora_variant = ConvDora
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self._conv_fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[base_layer.weight.dim() - 2]
@@ -436,35 +399,6 @@ class LoraConv(LoraLayer):
         # Composing conv(k) then conv(1x1) is the conv whose kernel is B applied to A's kernels.
         delta = self._conv_fn(A.transpose(0, 1), B).transpose(0, 1)  # (out, in, *k)
         return (delta * self.scaling[adapter_name]).to(self.base_layer.weight.dtype)
-
-    # --- DoRA: one magnitude per output channel, stored (1, out, 1, ...) as peft stores it ---------------------
-    def weight_norm(self, adapter_name: str) -> torch.Tensor:
-        """``||W + sBA||`` over each output channel's kernel, ``(1, out, 1, ...)``; a constant to autograd."""
-        with torch.no_grad():
-            weight = self.base_weight() + self.delta_weight(adapter_name)  # (out, in, *k)
-            norm = weight.norm(p=2, dim=tuple(range(1, weight.dim())), keepdim=True)  # (out, 1, ...)
-            return norm.transpose(0, 1).to(adapter_dtype(self.base_layer.weight))
-
-    def _dora_factor(self, adapter_name: str, norm: torch.Tensor) -> torch.Tensor:
-        # (1, out, 1, ...) -> (out, 1, 1, ...): one magnitude per output channel of the (out, in, *k) weight
-        factor = self.lora_magnitude_vector[adapter_name] / norm
-        return factor.transpose(0, 1).to(self.base_layer.weight.dtype)
-
-    def adapter_output(self, adapter_name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
-        if adapter_name not in self.lora_magnitude_vector:
-            return super().adapter_output(adapter_name, x, base_result)
-        # DoRA: y = conv(x, W) + (m/||W+sBA|| - 1) conv(x, W) + (m/||W+sBA||) s B(A(x)), per output channel
-        A, B = self.lora_A[adapter_name], self.lora_B[adapter_name]
-        dropout, scaling = self.lora_dropout[adapter_name], self.scaling[adapter_name]
-        dropped = self.dropped_input(adapter_name, x, A.weight.dtype)
-        scale = self.lora_magnitude_vector[adapter_name] / self.weight_norm(adapter_name)  # (1, out, 1, ...)
-        if isinstance(dropout, nn.Identity) or not self.training:
-            bias = self.base_layer.bias
-            channels = (1, -1) + (1,) * (base_result.dim() - 2)
-            base_no_bias = base_result if bias is None else base_result - bias.view(channels)
-        else:  # the base term must see the same dropped input as the LoRA term
-            base_no_bias = self.base_layer._conv_forward(dropped, self.base_weight().to(dropped.dtype), None)
-        return (scale - 1) * base_no_bias.to(scale.dtype) + scale * B(A(dropped)) * scaling
 
 
 #: The LoRA layer type wrapping each supported base layer type.

@@ -27,7 +27,7 @@ from torch import nn
 
 from lightning_peft.core.adapter_layer import ModulesToSave
 from lightning_peft.core.contract import PEFTMethod, register_method
-from lightning_peft.core.targeting import find_targets, pattern_value, replace_module
+from lightning_peft.core.targeting import default_targets, find_targets, pattern_value, replace_module
 from lightning_peft.core.transformers_compat import Conv1D
 from lightning_peft.methods.lora.eva import (
     EvaConfig,
@@ -204,13 +204,9 @@ class LoRA(PEFTMethod):
     def resolve_target_modules(self, model: nn.Module) -> list[str] | str:
         if self.target_modules is not None:
             return self.target_modules
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in DEFAULT_TARGETS:
-            raise ValueError(
-                f"LoRA: target_modules is required for this model (no default for model_type={model_type!r}); "
-                "pass e.g. target_modules=['q_proj', 'v_proj'] or 'all-linear'."
-            )
-        return DEFAULT_TARGETS[model_type]
+        return default_targets(
+            model, DEFAULT_TARGETS, method="LoRA", fix="pass e.g. target_modules=['q_proj', 'v_proj'] or 'all-linear'."
+        )
 
     def _module_targets(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The modules to wrap; none where only ``target_parameters`` are meant (``target_modules=[]``, or ``None``

@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lightning_peft.core.adapter_layer import adapter_layers
+from lightning_peft.core.adapter_layer import adapter_layers, oriented
 from lightning_peft.core.injection import inject, require_record, set_adapter
 from lightning_peft.methods.lora.layers import LoraLayer, LoraLinear
 from lightning_peft.methods.lora.lora import LoRA
@@ -147,7 +147,7 @@ def add_weighted_adapter(
             )
     for name in targets:
         layer = layers[name]
-        if not isinstance(layer, LoraLinear) or any(a in layer.lora_gate for a in adapters):
+        if not isinstance(layer, LoraLinear) or any(a in layer.lora_variant for a in adapters):
             raise ValueError(
                 f"{name} ({type(layer.base_layer).__name__}) cannot be combined: weighted adapters support plain "
                 "(ungated) LoRA on Linear/Conv1D layers."
@@ -201,7 +201,11 @@ def add_weighted_adapter(
                 merged = _merge(kind, [_update(layer, a) for a in adapters], weights, density, majority_sign_method,
                                 rng)  # fmt: skip
                 A, B = _truncated_svd(
-                    layer._oriented(merged), ranks[name], svd_clamp, svd_full_matrices, svd_driver
+                    oriented(merged, layer.fan_in_fan_out),
+                    ranks[name],
+                    svd_clamp,
+                    svd_full_matrices,
+                    svd_driver,
                 )
             else:
                 A, B = _factor_wise(layer, adapters, weights, kind, density, majority_sign_method, rng)
@@ -304,9 +308,8 @@ def _update(layer: LoraLinear, adapter: str) -> torch.Tensor:
     """
     A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     dtype = torch.promote_types(A.dtype, torch.float32)
-    return layer._oriented(
-        (B.to(dtype) @ A.to(dtype)) * layer.scaling[adapter]
-    )  # (out, r) @ (r, in) -> (out, in)
+    update = (B.to(dtype) @ A.to(dtype)) * layer.scaling[adapter]  # (out, r) @ (r, in) -> (out, in)
+    return oriented(update, layer.fan_in_fan_out)
 
 
 def _concatenated(
