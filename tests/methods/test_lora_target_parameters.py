@@ -336,3 +336,19 @@ def test_weighted_combination_of_parameter_adapters_is_refused() -> None:
     with pytest.raises(ValueError, match="adapts parameters directly"):
         add_weighted_adapter(model, ["default", "b"], [0.5, 0.5], "mix")
     assert sorted(model._lightning_peft.methods) == ["b", "default"]
+
+
+def test_the_adapted_weight_keeps_only_the_factors_for_backward() -> None:
+    """W + s * lhs @ rhs is one baddbmm: autograd saves the two (E, ., r) factors, no (E, out, in) delta or W."""
+    model = inject(moe(), LoRA(r=2, target_modules=[], target_parameters=EXPERTS))
+    wrapper = model.model.layers[0].mlp.experts.base_layer  # gate_up_proj (4, 128, 32)
+    saved: list[tuple[int, ...]] = []
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        adapted = wrapper.adapted_weight("default", wrapper.parameter())
+    assert adapted.shape == (4, 128, 32) and adapted.requires_grad
+    assert sorted(saved) == [(4, 2, 32), (4, 128, 2)]
