@@ -89,7 +89,10 @@ def test_eva_matches_peft(both: tuple[nn.Module, nn.Module]) -> None:
     assert all(torch.count_nonzero(v) == 0 for k, v in mine.items() if ".lora_B." in k)
     for name, module in ours.named_modules():
         if isinstance(module, LoraLayer):
-            assert module.scaling["default"] == reference.get_submodule(f"base_model.model.{name}").scaling["default"]
+            assert (
+                module.scaling["default"]
+                == reference.get_submodule(f"base_model.model.{name}").scaling["default"]
+            )
     # B = 0: the model is the base model at init.
     torch.testing.assert_close(_logits(ours), _logits(_model()), atol=1e-6, rtol=0)
     # The file's per-module ranks and alphas are those peft's config holds after EVA.
@@ -130,7 +133,13 @@ class _Module(pl.LightningModule):
 
 
 def _trainer(**extra) -> pl.Trainer:
-    method = LoRA(r=R, alpha=ALPHA, target_modules=TARGETS, init_lora_weights="eva", eva_config=EvaConfig(rho=RHO, tau=TAU))
+    method = LoRA(
+        r=R,
+        alpha=ALPHA,
+        target_modules=TARGETS,
+        init_lora_weights="eva",
+        eva_config=EvaConfig(rho=RHO, tau=TAU),
+    )
     return pl.Trainer(
         callbacks=[PEFTCallback(method, target="model")], accelerator="cpu", logger=False, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False, **extra,
@@ -159,7 +168,9 @@ def test_eva_runs_at_fit_start_and_resumes(tmp_path: Path) -> None:
     trainer.save_checkpoint(tmp_path / "eva.ckpt")
     evaluated = _Module()
     _trainer().validate(evaluated, dataloaders=loader, ckpt_path=tmp_path / "eva.ckpt")
-    assert {k: v.shape for k, v in adapter_state_dict(evaluated.model).items()} == {k: v.shape for k, v in trained.items()}
+    assert {k: v.shape for k, v in adapter_state_dict(evaluated.model).items()} == {
+        k: v.shape for k, v in trained.items()
+    }
     assert all(torch.equal(adapter_state_dict(evaluated.model)[k], v) for k, v in trained.items())
     resumed = _Module(lr=0.5)
     _trainer(max_steps=3).fit(resumed, train_dataloaders=loader, ckpt_path=tmp_path / "eva.ckpt")
@@ -171,7 +182,9 @@ def test_eva_runs_at_fit_start_and_resumes(tmp_path: Path) -> None:
 def test_eva_refusals_leave_the_model_unchanged() -> None:
     model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="EVA initialises Linear and Conv1D layers only; model.embed_tokens is Embedding"):
+    with pytest.raises(
+        ValueError, match=r"EVA initialises Linear and Conv1D layers only; model.embed_tokens is Embedding"
+    ):
         inject(model, LoRA(r=2, target_modules=["embed_tokens", "q_proj"], init_lora_weights="eva"))
     with pytest.raises(ValueError, match=r"64 input features, fewer than round\(r \* rho\) = 80"):
         inject(model, LoRA(r=40, target_modules=["q_proj"], init_lora_weights="eva"))
@@ -179,7 +192,7 @@ def test_eva_refusals_leave_the_model_unchanged() -> None:
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="eva_config is set but init_lora_weights=True"):
         LoRA(eva_config=EvaConfig())
-    with pytest.raises(ValueError, match="rho=0.5 must be >= 1.0"):
+    with pytest.raises(ValueError, match=r"rho=0.5 must be >= 1\.0"):
         EvaConfig(rho=0.5)
     with pytest.raises(ValueError, match="initialize_eva_weights needs adapter 'default' injected with"):
         initialize_eva_weights(inject(_model(), LoRA(target_modules=["q_proj"])), _batches(1))
@@ -188,7 +201,12 @@ def test_eva_refusals_leave_the_model_unchanged() -> None:
 def test_eva_that_does_not_converge_says_so() -> None:
     model = inject(
         _model(),
-        LoRA(r=R, target_modules=["o_proj"], init_lora_weights="eva", eva_config=EvaConfig(tau=1.0, max_batches=3)),
+        LoRA(
+            r=R,
+            target_modules=["o_proj"],
+            init_lora_weights="eva",
+            eva_config=EvaConfig(tau=1.0, max_batches=3),
+        ),
     )
     with pytest.raises(RuntimeError, match=r"had not converged to tau=1.0 after max_batches=3 batches"):
         initialize_eva_weights(model, _batches(2))

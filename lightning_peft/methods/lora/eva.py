@@ -72,7 +72,9 @@ class EvaConfig:
         if not self.rho >= 1.0:
             raise ValueError(f"EvaConfig rho={self.rho!r} must be >= 1.0 (1.0: no rank redistribution).")
         if not 0.0 <= self.tau <= 1.0:
-            raise ValueError(f"EvaConfig tau={self.tau!r} must be in [0, 1] (a cosine similarity; peft: 0.99).")
+            raise ValueError(
+                f"EvaConfig tau={self.tau!r} must be in [0, 1] (a cosine similarity; peft: 0.99)."
+            )
         if not isinstance(self.max_batches, int) or self.max_batches < 1:
             raise ValueError(f"EvaConfig max_batches={self.max_batches!r} must be an integer >= 1.")
 
@@ -162,7 +164,7 @@ class IncrementalSVD:
             X = torch.vstack((self.singular_values.view(-1, 1) * self.components, X, shift))
         with torch.random.fork_rng(devices=[X.device] if X.device.type == "cuda" else []):
             torch.manual_seed(self.seed)
-            U, S, V = torch.svd_lowrank(X, q=2 * self.n_components, niter=self.niter)
+            _, S, V = torch.svd_lowrank(X, q=2 * self.n_components, niter=self.niter)
         Vh = V.mH
         # Signs: each right-singular vector's largest |entry| positive (deterministic across runs and libraries).
         signs = torch.sign(Vh[torch.arange(Vh.shape[0]), Vh.abs().argmax(dim=1)])
@@ -321,7 +323,9 @@ def eva_components(
     for name in layers:
         svd, rank = svds[leader_of[name]], ranks[name]
         if svd.components is None:
-            raise RuntimeError(f"EVA: {name} never saw a batch with {max_components[name]} usable token positions.")
+            raise RuntimeError(
+                f"EVA: {name} never saw a batch with {max_components[name]} usable token positions."
+            )
         u = svd.components[:rank]
         if config.whiten:
             u = u / svd.singular_values[:rank].sqrt().view(-1, 1)
@@ -347,7 +351,9 @@ def _redistribute(
     ranks = {name: counts.get(name, 0) for name in order}
     for name in order:
         leader = leader_of[name]
-        if leader != name and ranks[leader] < ranks[name]:  # the layer that holds the SVD keeps the larger share
+        if (
+            leader != name and ranks[leader] < ranks[name]
+        ):  # the layer that holds the SVD keeps the larger share
             ranks[leader], ranks[name] = ranks[name], ranks[leader]
     return ranks
 
@@ -460,7 +466,9 @@ def initialize_eva_weights(
         ranks[name] = rank = u.shape[0]
         if rank == 0:
             if len(layer.r) > 1:
-                raise ValueError(f"EVA gave {name} rank 0, but the layer holds other adapters {sorted(layer.r)}.")
+                raise ValueError(
+                    f"EVA gave {name} rank 0, but the layer holds other adapters {sorted(layer.r)}."
+                )
             replace_module(model, name, layer.base_layer)
             continue
         alpha = eva_alpha(pattern_value(name, method.alpha_pattern, method.alpha), r, rank, config)
