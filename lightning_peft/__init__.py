@@ -24,6 +24,8 @@ _EXPORTS = {
     "unload": "lightning_peft.core.injection",
     "unmerge": "lightning_peft.core.injection",
     "mixed_batch": "lightning_peft.core.mixed_batch",
+    "hotswap_adapter": "lightning_peft.formats.hotswap",
+    "prepare_model_for_compiled_hotswap": "lightning_peft.formats.hotswap",
     "load_adapter": "lightning_peft.formats.peft_directory",
     "save_adapter": "lightning_peft.formats.peft_directory",
     "PEFTCallback": "lightning_peft.integrations.callback",
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
         unmerge,
     )
     from lightning_peft.core.mixed_batch import mixed_batch
+    from lightning_peft.formats.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
     from lightning_peft.formats.peft_directory import load_adapter, save_adapter
     from lightning_peft.integrations.callback import PEFTCallback
     from lightning_peft.methods.lora.weighted import add_weighted_adapter
@@ -57,11 +60,13 @@ __all__ = [
     "count_parameters",
     "delete_adapter",
     "disable_adapters",
+    "hotswap_adapter",
     "inject",
     "load_adapter",
     "merge",
     "merge_and_unload",
     "mixed_batch",
+    "prepare_model_for_compiled_hotswap",
     "save_adapter",
     "set_adapter",
     "unload",

@@ -28,6 +28,45 @@ def oriented(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return weight.T if fan_in_fan_out else weight
 
 
+#: The base layer attributes an adapter wrapper answers for its base layer (``wrapper.weight`` is
+#: ``wrapper.base_layer.weight``), with the code that reads them on a wrapped module. Nothing else is forwarded: an
+#: unknown name raises ``AttributeError`` naming the wrapper, so a typo or a fast path that would take the base
+#: weight instead of calling the adapter surfaces instead of silently reading the base.
+FORWARDED_ATTR_READERS: dict[str, str] = {
+    # Every wrapped layer kind.
+    "weight": "dtype/device checks in model code (T5's wo, ViT's patch projection), get_input_embeddings().weight, "
+    "resize_token_embeddings and weight tying",
+    "bias": "model code adding or checking a projection's bias; resize of an output head's bias",
+    # nn.Linear (and bitsandbytes' Linear4bit/8bitLt).
+    "in_features": "model code sizing from a projection; quantizer and resize utilities",
+    "out_features": "model code sizing from a projection; resize of the output head",
+    # transformers' GPT-2 Conv1D: nf = out_features, nx = in_features.
+    "nf": "transformers' Conv1D users (pytorch_utils.prune_conv1d_layer, GPT-2-style models)",
+    "nx": "transformers' Conv1D users (pytorch_utils.prune_conv1d_layer)",
+    # nn.Embedding and scaled embeddings.
+    "num_embeddings": "resize_token_embeddings, models checking the vocabulary size",
+    "embedding_dim": "models and utilities sizing from the embedding",
+    "padding_idx": "resize_token_embeddings, models masking the padding row",
+    "max_norm": "nn.Embedding options read by code re-doing the lookup",
+    "norm_type": "nn.Embedding options read by code re-doing the lookup",
+    "scale_grad_by_freq": "nn.Embedding options read by code re-doing the lookup",
+    "sparse": "nn.Embedding options read by code re-doing the lookup",
+    "embed_scale": "scaled embeddings (BART, Gemma 3, ...): code multiplying a lookup by the embedding's scale",
+    # nn.Conv1d/2d/3d.
+    "in_channels": "convolutional models sizing from a convolution",
+    "out_channels": "convolutional models sizing from a convolution",
+    "kernel_size": "convolutional models computing output lengths (Whisper, wav2vec2)",
+    "stride": "convolutional models computing output lengths (Whisper's conv1.stride, wav2vec2)",
+    "padding": "convolutional models computing output lengths",
+    "dilation": "convolutional models computing output lengths",
+    "groups": "convolutional models (grouped/depthwise checks)",
+    "padding_mode": "convolutional models re-doing the convolution",
+    "output_padding": "transposed-convolution users",
+    "transposed": "convolution users telling transposed convolutions apart",
+}
+FORWARDED_ATTRS: frozenset[str] = frozenset(FORWARDED_ATTR_READERS)
+
+
 class NotMergeableError(RuntimeError):
     """Raised when merge is requested for a method that cannot fold into the base weights."""
 
@@ -63,13 +102,20 @@ class AdapterLayer(nn.Module):
         self.row_adapters: list[str | None] | None = None
 
     def __getattr__(self, name: str) -> Any:
-        # Model code reads `layer.weight` / `layer.in_features` of what it thinks is the base layer.
+        # Only the declared base-layer attributes (FORWARDED_ATTRS) pass through; anything else is a typo or a read
+        # that must name the base explicitly (``layer.base_layer.<name>``), never a silent fall-through.
         try:
             return super().__getattr__(name)
         except AttributeError:
             if name == "base_layer":
                 raise
             base = self.base_layer  # raises above when even that is missing (an object being unpickled)
+            if name not in FORWARDED_ATTRS:
+                raise AttributeError(
+                    f"{type(self).__name__} (an adapter wrapper around {type(base).__name__}) has no attribute "
+                    f"{name!r}. It forwards only the base layer attributes model code reads "
+                    f"(lightning_peft.core.adapter_layer.FORWARDED_ATTRS); read others on its .base_layer."
+                ) from None
             try:
                 return getattr(base, name)
             except AttributeError:
