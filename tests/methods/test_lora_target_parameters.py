@@ -16,16 +16,18 @@ from torch import nn
 
 from lightning_peft import (
     adapter_state_dict,
+    disable_adapters,
     inject,
     load_adapter,
     merge,
     merge_and_unload,
     mixed_batch,
     save_adapter,
+    unload,
     unmerge,
 )
 from lightning_peft.core.injection import adapter_state_keys, set_adapter
-from lightning_peft.methods import LoRA
+from lightning_peft.methods import IA3, LoRA
 from lightning_peft.methods.lora.param_wrapper import LoraParamWrapper
 from lightning_peft.methods.lora.weighted import add_weighted_adapter
 from lightning_peft.testing.checks import randomise
@@ -155,7 +157,14 @@ def test_peft_parity_both_ways(family: str, tmp_path: Path) -> None:
     """Our directory in peft and peft's in ours: logits within 1e-5 (measured ~1e-7), the same files."""
     # Attention beside the experts: peft 0.21.0 rewrites target_modules named like the old per-expert Linears
     # (Qwen2-MoE's shared_expert.down_proj too) into target_parameters, a quirk of its checkpoint conversion.
-    kwargs = dict(r=2, target_modules=["q_proj", "v_proj"])
+    kwargs = dict(
+        r=2,
+        target_modules=["q_proj", "v_proj"],
+        rank_pattern={
+            "layers.1.mlp.experts.down_proj": 3
+        },  # matched against the parameter's name, as in peft
+        alpha_pattern={"gate_up_proj": 5},
+    )
     ours = inject(moe(family), LoRA(alpha=4, target_parameters=EXPERTS, use_rslora=True, **kwargs))
     randomise(ours, scale=0.1)
     expected = logits(ours)
@@ -177,6 +186,7 @@ def test_peft_parity_both_ways(family: str, tmp_path: Path) -> None:
     our_keys = {k: v.shape for k, v in load_file(tmp_path / "ours" / "adapter_model.safetensors").items()}
     assert our_keys == peft_keys and len(our_keys) == 8 + 2 * 2 * len(kwargs["target_modules"])
     assert peft_keys["base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight"] == (2 * 4, 32)
+    assert peft_keys["base_model.model.model.layers.1.mlp.experts.lora_B.weight"] == (32, 3 * 4)
     loaded = load_adapter(moe(family), tmp_path / "peft")
     diff = max_diff(logits(loaded), logits(theirs))
     assert diff < 1e-5, f"peft -> ours: max |diff| {diff}"
@@ -352,3 +362,60 @@ def test_the_adapted_weight_keeps_only_the_factors_for_backward() -> None:
         adapted = wrapper.adapted_weight("default", wrapper.parameter())
     assert adapted.shape == (4, 128, 32) and adapted.requires_grad
     assert sorted(saved) == [(4, 2, 32), (4, 128, 2)]
+
+
+@pytest.mark.parametrize("implementation", ["eager", "batched_mm", "grouped_mm"])
+def test_every_experts_implementation_reads_the_adapted_weight(implementation: str) -> None:
+    """transformers runs the experts through one of several kernels; each sees W + delta (equal to merged)."""
+    model = inject(moe(), LoRA(r=2, alpha=4, target_modules=[], target_parameters=EXPERTS))
+    randomise(model, scale=0.1)
+    merged = merge_and_unload(_injected_copy(model))
+    model.set_experts_implementation(implementation)
+    merged.set_experts_implementation(implementation)
+    diff = max_diff(logits(model), logits(merged))
+    assert diff < 1e-5, diff
+    assert max_diff(logits(model), logits(moe())) > 1e-2
+
+
+def _injected_copy(model: nn.Module) -> nn.Module:
+    copy = inject(moe(), LoRA(r=2, alpha=4, target_modules=[], target_parameters=EXPERTS))
+    copy.load_state_dict(adapter_state_dict(model), strict=False)
+    return copy
+
+
+def test_disable_and_unload_give_the_base_model_back() -> None:
+    base = moe()
+    expected = logits(base)
+    model = inject(base, LoRA(r=2, target_modules=[], target_parameters=EXPERTS))
+    randomise(model, scale=0.1)
+    with disable_adapters(model):
+        assert torch.equal(logits(model), expected)
+    experts = model.model.layers[0].mlp.experts.base_layer.base_layer
+    plain = unload(model)
+    assert plain.model.layers[0].mlp.experts is experts
+    assert torch.equal(logits(plain), expected)
+    assert all(p.requires_grad for p in plain.parameters())
+
+
+def test_a_file_claiming_a_huge_rank_is_refused_before_anything_is_allocated(tmp_path: Path) -> None:
+    model = inject(moe(), LoRA(r=2, target_modules=[], target_parameters=EXPERTS))
+    save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "r": 10**9}))  # 4e9 rows per lora_A
+    fresh = moe()
+    with pytest.raises(ValueError, match=r"wrong shape .*\(8, 64\) vs \(4000000000, 64\)"):
+        load_adapter(fresh, tmp_path)
+    assert not hasattr(fresh, "_lightning_peft")
+    assert not any(isinstance(m, LoraParamWrapper) for m in fresh.modules())
+
+
+def test_another_methods_file_that_sets_target_parameters_is_refused(tmp_path: Path) -> None:
+    """Only LoRA reads target_parameters: an IA3 file setting it (a feature we lack there) is refused, not ignored."""
+    model = inject(moe(), IA3(target_modules=["k_proj", "v_proj", "o_proj"], feedforward_modules=["o_proj"]))
+    save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "target_parameters": EXPERTS}))
+    with pytest.raises(
+        ValueError, match=r"sets \['target_parameters'\].*peft features lightning-peft does not"
+    ):
+        load_adapter(moe(), tmp_path)
