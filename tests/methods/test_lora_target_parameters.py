@@ -419,3 +419,14 @@ def test_another_methods_file_that_sets_target_parameters_is_refused(tmp_path: P
         ValueError, match=r"sets \['target_parameters'\].*peft features lightning-peft does not"
     ):
         load_adapter(moe(), tmp_path)
+
+
+def test_a_partitioned_parameter_is_named_at_forward() -> None:
+    """DeepSpeed ZeRO-3 empties a parameter's data outside its own module's forward: a clear error, not a matmul one."""
+    model = inject(moe(), LoRA(r=2, target_modules=[], target_parameters=EXPERTS))
+    experts = model.model.layers[0].mlp.experts.base_layer.base_layer
+    experts.down_proj.data = torch.empty(0)  # what ZeRO-3's partitioning leaves on the module
+    with pytest.raises(
+        RuntimeError, match=r"down_proj is \(0,\) at forward but was \(4, 32, 64\) at injection"
+    ):
+        logits(model)

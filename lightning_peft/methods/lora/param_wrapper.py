@@ -50,6 +50,7 @@ class LoraParamWrapper(AdapterLayer):
         super().__init__(base_layer)
         self.parameter_name = parameter_name
         shape = self.parameter().shape
+        self.param_shape = tuple(shape)
         self.stacked = len(shape) == 3  # one weight per expert along dim 0
         self.transposed = self.stacked and bool(getattr(self.owner(), "is_transposed", False))
         if self.stacked:
@@ -144,6 +145,13 @@ class LoraParamWrapper(AdapterLayer):
 
     def adapted_forward(self, adapter_names: list[str], *args: Any, **kwargs: Any) -> Any:
         weight = self.parameter()
+        if tuple(weight.shape) != self.param_shape:
+            raise RuntimeError(
+                f"LoRA target_parameters: {type(self.owner()).__name__}.{self.parameter_name} is {tuple(weight.shape)} "
+                f"at forward but was {self.param_shape} at injection: it was partitioned or replaced since. DeepSpeed "
+                "ZeRO-3 does that and gathers it only inside the module's own forward, after the adapter must read "
+                "it; train adapters on parameters with ZeRO-2, DDP or FSDP instead."
+            )
         for name in adapter_names:
             weight = self.adapted_weight(name, weight)
         # For this call only, the module's forward reads the adapted tensor under the parameter's name.
