@@ -30,6 +30,10 @@ def load_adapter_checkpoint(
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     # Checkpoint keys are written unwrapped (no ``_orig_mod.``): map them onto the live module's own keys.
     state = {state_dict_key(module, clean_key(k)): v for k, v in checkpoint.get("state_dict", {}).items()}
+    # Adapter shapes that came from data (EVA's ranks) follow the checkpoint before anything is compared.
+    prefix = callback._prefix()
+    relative = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    callback.method.fit_to_checkpoint(callback.target_module(module), callback.adapter_name, relative)
     keys = [state_dict_key(module, k) for k in callback.adapter_keys(module)]
     missing = [k for k in keys if k not in state]
     if missing:

@@ -239,9 +239,10 @@ class PEFTCallback(Callback):
         trainer = getattr(pl_module, "_trainer", None)
         with deepspeed_support.plain_parameters(trainer):
             inject(model, self.method, self.adapter_name)
-        if self.method.needs_training_data() and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
-            if not trainer.ckpt_path:  # resuming: the checkpoint's tensors (and shapes) replace it in on_load
-                self._initialize_from_data(trainer, model)
+        fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+        # Not when resuming (ckpt_path): the checkpoint's tensors, and their shapes, replace it in on_load_checkpoint.
+        if self.method.needs_training_data() and fitting and not trainer.ckpt_path:
+            self._initialize_from_data(trainer, model)
         if self.adapter_only_checkpoints:
             # Base weights are not in our checkpoints; adapter keys are checked in on_load_checkpoint.
             pl_module.strict_loading = False
@@ -252,7 +253,7 @@ class PEFTCallback(Callback):
         loader = trainer.fit_loop._data_source.dataloader()
         if trainer.strategy.root_device != next(model.parameters()).device and trainer.num_devices == 1:
             model.to(trainer.strategy.root_device)  # where the strategy would move it next, and the data goes
-        rank_zero_info(f"{self.method.name} '{self.adapter_name}': initialising from the train loader's batches")
+        rank_zero_info(f"{self.method.name} '{self.adapter_name}': initialising from the train loader")
         self.method.initialize_from_data(
             model, self.adapter_name, loader, broadcast=lambda obj: trainer.strategy.broadcast(obj, src=0)
         )

@@ -13,11 +13,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_peft import PEFTCallback, adapter_state_dict, inject, load_adapter, save_adapter
+from lightning_peft.app.checkpoints import load_adapter_checkpoint
 from lightning_peft.core.injection import injection_record
 from lightning_peft.methods import LoRA
 from lightning_peft.methods.lora.eva import EvaConfig, initialize_eva_weights
 from lightning_peft.methods.lora.layers import LoraLayer
-from tests.tiny_models import tiny_llama, token_batch
+from tests.tiny_models import tiny_gpt2, tiny_llama, token_batch
 
 # q/k/v see the same input (one shared SVD), o_proj and down_proj their own.
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
@@ -102,6 +103,49 @@ def test_eva_matches_peft(both: tuple[nn.Module, nn.Module]) -> None:
     assert config["rank_pattern"], "no layer changed rank"
 
 
+@pytest.mark.parametrize(
+    ("family", "targets", "eva", "extra"),
+    [
+        # whiten: only on layers with their own inputs. On layers sharing one SVD (q/k/v) peft divides the shared
+        # components in place once per layer, so its k/v (and q) end up divided more than once; here each is
+        # divided once.
+        ("llama", ["o_proj", "down_proj", "up_proj"], {"whiten": True},
+         {"use_rslora": True, "rank_pattern": {"down_proj": 3}, "alpha_pattern": {"o_proj": 4.0}}),
+        ("gpt2", ["c_attn", "c_proj"], {"adjust_scaling_factors": False, "use_label_mask": False}, {}),
+    ],
+    ids=["whiten-rslora-patterns", "gpt2-conv1d"],
+)  # fmt: skip
+def test_eva_matches_peft_with_options(family: str, targets: list[str], eva: dict, extra: dict) -> None:
+    peft = pytest.importorskip("peft")
+    from peft.tuners.lora.eva import initialize_lora_eva_weights
+
+    build = _model if family == "llama" else tiny_gpt2
+    settings = {"rho": RHO, "tau": TAU, **eva}
+    config = peft.LoraConfig(
+        r=R, lora_alpha=ALPHA, target_modules=targets, init_lora_weights="eva", eva_config=peft.EvaConfig(**settings),
+        **extra,
+    )  # fmt: skip
+    reference = peft.get_peft_model(build(), config)
+    initialize_lora_eva_weights(reference, dataloader=_batches(), show_progress_bar=False)
+    method = LoRA(
+        r=R,
+        alpha=ALPHA,
+        target_modules=targets,
+        init_lora_weights="eva",
+        eva_config=EvaConfig(**settings),
+        **extra,
+    )
+    ours = inject(build(), method)
+    initialize_eva_weights(ours, _batches())
+    theirs = {k: v for k, v in reference.base_model.model.state_dict().items() if "lora_" in k}
+    mine = adapter_state_dict(ours)
+    assert sorted(theirs) == sorted(mine)
+    assert max((mine[k] - theirs[k]).abs().max().item() for k in mine) <= 1e-6  # measured: 0.0
+    saved = method.to_peft_config(ours, "default")
+    assert saved["rank_pattern"] == reference.peft_config["default"].rank_pattern
+    assert saved["alpha_pattern"] == reference.peft_config["default"].alpha_pattern
+
+
 def test_eva_directory_loads_both_ways(both: tuple[nn.Module, nn.Module], tmp_path: Path) -> None:
     peft = pytest.importorskip("peft")
     reference, ours = both
@@ -115,6 +159,25 @@ def test_eva_directory_loads_both_ways(both: tuple[nn.Module, nn.Module], tmp_pa
     loaded = load_adapter(_model(), tmp_path / "peft")
     expected = reference(input_ids=token_batch(2, 12)).logits
     torch.testing.assert_close(_logits(loaded), expected, atol=1e-6, rtol=0)
+
+
+def test_eva_every_process_takes_the_broadcast_result() -> None:
+    """PEFTCallback passes ``trainer.strategy.broadcast``: each DDP process then uses rank 0's components, even
+    when its own (shuffled) batches would give other ranks."""
+    rank0, ranks = _ours()
+    sent = {}
+    for name, rank in ranks.items():
+        width = rank0.get_submodule(name).in_features if rank else 64
+        sent[name] = (
+            rank0.get_submodule(name).lora_A["default"].weight.detach() if rank else torch.zeros(0, width)
+        )
+    model = inject(_model(), LoRA(r=R, alpha=ALPHA, target_modules=TARGETS, init_lora_weights="eva",
+                                  eva_config=EvaConfig(rho=RHO, tau=TAU)))  # fmt: skip
+    local = []
+    got = initialize_eva_weights(model, _batches()[::-1], broadcast=lambda mine: local.append(mine) or sent)
+    assert got == ranks and sorted(local[0]) == sorted(ranks)  # its own result was offered, rank 0's was used
+    theirs, mine = adapter_state_dict(rank0), adapter_state_dict(model)
+    assert sorted(theirs) == sorted(mine) and all(torch.equal(theirs[k], mine[k]) for k in theirs)
 
 
 class _Module(pl.LightningModule):
@@ -172,6 +235,11 @@ def test_eva_runs_at_fit_start_and_resumes(tmp_path: Path) -> None:
         k: v.shape for k, v in trained.items()
     }
     assert all(torch.equal(adapter_state_dict(evaluated.model)[k], v) for k, v in trained.items())
+    # What `lightning-peft export` and fit's adapter_best/ read checkpoints with: the same ranks and tensors.
+    exported, callback = _Module(), trainer.callbacks[0]
+    inject(exported.model, callback.method)
+    load_adapter_checkpoint(exported, callback, tmp_path / "eva.ckpt")
+    assert all(torch.equal(adapter_state_dict(exported.model)[k], v) for k, v in trained.items())
     resumed = _Module(lr=0.5)
     _trainer(max_steps=3).fit(resumed, train_dataloaders=loader, ckpt_path=tmp_path / "eva.ckpt")
     after = adapter_state_dict(resumed.model)

@@ -353,7 +353,8 @@ class LoRA(PEFTMethod):
                 rank_pattern[name] = rank
             if alpha != self.alpha:
                 alpha_pattern[name] = alpha
-        return {"rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "eva_config": self.eva_config.to_peft()}
+        eva_config = self.eva_config.to_peft()
+        return {"rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "eva_config": eva_config}
 
     def extra_state_names(self, model: nn.Module, adapter_name: str) -> list[str]:
         if self.bias == "all":

@@ -176,7 +176,9 @@ class QLoRA(LoRA):
                 f"QLoRA init_lora_weights={init!r}: {init_display_name(init)} cannot rewrite a 4-bit base weight."
             )
         if not isinstance(self.loftq_iter, int) or isinstance(self.loftq_iter, bool) or self.loftq_iter < 1:
-            raise ValueError(f"QLoRA loftq_iter={self.loftq_iter!r} must be an integer >= 1 (peft's default: 1).")
+            raise ValueError(
+                f"QLoRA loftq_iter={self.loftq_iter!r} must be an integer >= 1 (peft's default: 1)."
+            )
 
     def inject_layers(self, model: nn.Module, adapter_name: str) -> None:
         # LoRA's targets are checked before quantizing (quantize checks its own selection before replacing
@@ -215,5 +217,6 @@ class QLoRA(LoRA):
     def to_peft_config(self, model: nn.Module, adapter_name: str) -> dict:
         config = super().to_peft_config(model, adapter_name)
         if self.init_lora_weights == "loftq":
-            config["init_lora_weights"] = True  # A, B are in the file: peft must not re-run LoftQ when loading it
+            # A, B are in the file: peft must not re-run LoftQ when loading it.
+            config["init_lora_weights"] = True
         return config
