@@ -191,10 +191,10 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
     )
 
 
-def token_positions(batch: Any, config: EvaConfig) -> torch.Tensor | None:
-    """``(N, 2)`` indices of the ``(row, position)`` pairs whose layer inputs the SVD uses: those with
-    ``attention_mask`` 1 and, with ``use_label_mask``, token labels other than ``label_mask_value``. ``None``
-    (every position) for batches that are not dicts with ``input_ids``."""
+def token_mask(batch: Any, config: EvaConfig) -> torch.Tensor | None:
+    """The ``(B, T)`` mask of the positions whose layer inputs the SVD uses: ``attention_mask`` 1 and, with
+    ``use_label_mask``, token labels other than ``label_mask_value``. ``None`` (every position) for batches that
+    are not dicts with ``input_ids``."""
     if not isinstance(batch, Mapping) or not isinstance(batch.get("input_ids"), torch.Tensor):
         return None
     ids = batch["input_ids"]
@@ -203,35 +203,29 @@ def token_positions(batch: Any, config: EvaConfig) -> torch.Tensor | None:
     labels = batch.get("labels")
     if config.use_label_mask and isinstance(labels, torch.Tensor) and labels.shape == mask.shape:
         mask = mask & (labels != config.label_mask_value)
-    return mask.nonzero()
+    return mask
 
 
-def layer_rows(x: Any, positions: torch.Tensor | None, layer_name: str) -> torch.Tensor:
+def layer_rows(x: Any, mask: torch.Tensor | None, layer_name: str) -> torch.Tensor:
     """The ``(rows, in)`` inputs of one layer call: the chosen token positions, else every position."""
     if isinstance(x, (tuple, list)):
         x = x[0]
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"EVA: {layer_name} was called with {type(x).__name__}, not a tensor.")
-    if positions is not None and x.dim() == 3 and positions.numel() and x.shape[:2] == _grid(positions, x):
-        return x[positions.T.unbind()]  # (B, T, in) -> (N, in)
-    # Other layouts (a decoder's own length in an encoder-decoder, images): every position.
+    if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+        return x[mask]  # (B, T, in) -> (N, in), the chosen positions in row-major order
+    # Other layouts (a decoder's own length in an encoder-decoder, pooled or image inputs): every position.
     return x.reshape(-1, x.shape[-1])
 
 
-def _grid(positions: torch.Tensor, x: torch.Tensor) -> torch.Size:
-    # The mask's (B, T) is not kept; positions must fit inside x's leading dims to index it.
-    fits = bool((positions[:, 0] < x.shape[0]).all() and (positions[:, 1] < x.shape[1]).all())
-    return x.shape[:2] if fits else torch.Size()
-
-
 class _Recorder:
-    """A forward hook that keeps a layer's input rows of the current batch (set ``positions`` per batch)."""
+    """A forward hook that keeps a layer's input rows of the current batch (set ``mask`` per batch)."""
 
     def __init__(self, name: str) -> None:
-        self.name, self.positions, self.rows = name, None, None
+        self.name, self.mask, self.rows = name, None, None
 
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self.rows = layer_rows(args, self.positions, self.name).detach()
+        self.rows = layer_rows(args, self.mask, self.name).detach()
 
 
 # --- the algorithm --------------------------------------------------------------------------------------------
@@ -258,9 +252,9 @@ def eva_components(
     model.eval()
     try:
         first = _to(next(iter(batches)), device)
-        positions = token_positions(first, config)
+        mask = token_mask(first, config)
         for rec in recorders.values():
-            rec.positions = positions
+            rec.mask = mask
         forward_fn(model, first)
         # Layers fed the very same tensor (q/k/v of one block) share one SVD: the first of them ("leader").
         leader_of = _equal_inputs({name: rec.rows for name, rec in recorders.items()})
@@ -298,9 +292,9 @@ def eva_components(
                     "max_batches, or give more varied data."
                 )
             batch = _to(batch, device)
-            positions = token_positions(batch, config)
+            mask = token_mask(batch, config)
             for name in leaders:
-                recorders[name].positions, recorders[name].rows = positions, None
+                recorders[name].mask, recorders[name].rows = mask, None
             forward_fn(model, batch)
             for name in leaders:
                 rows = recorders[name].rows
