@@ -4,6 +4,8 @@ its checkpoint), and the refusals."""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -18,6 +20,7 @@ from lightning_peft.core.injection import injection_record
 from lightning_peft.methods import LoRA
 from lightning_peft.methods.lora.eva import EvaConfig, initialize_eva_weights
 from lightning_peft.methods.lora.layers import LoraLayer
+from tests.distributed.process_group import end_process_group, run_script
 from tests.tiny_models import tiny_gpt2, tiny_llama, token_batch
 
 # q/k/v see the same input (one shared SVD), o_proj and down_proj their own.
@@ -29,11 +32,11 @@ def _model() -> nn.Module:
     return tiny_llama(num_hidden_layers=1)
 
 
-def _batches(n: int = 4) -> list[dict[str, torch.Tensor]]:
+def _batches(n: int = 4, seed: int = 10) -> list[dict[str, torch.Tensor]]:
     """Dict batches with padding (attention_mask 0) and prompt tokens (labels -100), which EVA leaves out."""
     batches = []
     for i in range(n):
-        ids = token_batch(8, 16, seed=10 + i)
+        ids = token_batch(8, 16, seed=seed + i)
         mask = torch.ones_like(ids)
         mask[0, -3:] = 0
         labels = ids.clone()
@@ -42,13 +45,13 @@ def _batches(n: int = 4) -> list[dict[str, torch.Tensor]]:
     return batches
 
 
-def _ours(**extra) -> tuple[nn.Module, dict[str, int]]:
+def _ours(seed: int = 10, **extra) -> tuple[nn.Module, dict[str, int]]:
     model = inject(
         _model(),
         LoRA(r=R, alpha=ALPHA, target_modules=TARGETS, init_lora_weights="eva",
              eva_config=EvaConfig(rho=RHO, tau=TAU), **extra),
     )  # fmt: skip
-    return model, initialize_eva_weights(model, _batches())
+    return model, initialize_eva_weights(model, _batches(seed=seed))
 
 
 def _logits(model: nn.Module) -> torch.Tensor:
@@ -185,6 +188,11 @@ class _Module(pl.LightningModule):
         super().__init__()
         self.model, self.lr = _model(), lr
 
+    def train_dataloader(
+        self,
+    ) -> DataLoader:  # each DDP rank its own batches (seed 10 on rank 0, 50 on rank 1)
+        return DataLoader(_batches(seed=10 + 40 * self.trainer.global_rank), batch_size=None)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self.model(**batch).loss
 
@@ -278,3 +286,31 @@ def test_eva_that_does_not_converge_says_so() -> None:
     )
     with pytest.raises(RuntimeError, match=r"had not converged to tau=1.0 after max_batches=3 batches"):
         initialize_eva_weights(model, _batches(2))
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_eva_under_ddp_every_rank_holds_rank0s_init(tmp_path: Path) -> None:
+    """2 CPU processes (gloo), each with other batches: after EVA at fit start (lr 0, so nothing trains) both
+    ranks hold the adapter EVA computes from rank 0's batches, which differs from rank 1's own."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "OMP_NUM_THREADS": "1"}
+    done = run_script([sys.executable, __file__, str(tmp_path)], env, tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    expected, own1 = adapter_state_dict(_ours(seed=10)[0]), adapter_state_dict(_ours(seed=50)[0])
+    for state in (rank0, rank1):
+        assert sorted(state) == sorted(expected) and all(torch.equal(state[k], expected[k]) for k in expected)
+    assert sorted(own1) != sorted(expected) or any(not torch.equal(own1[k], expected[k]) for k in expected)
+
+
+def _ddp_main(out: Path) -> None:
+    module = _Module(lr=0.0)
+    trainer = _trainer(max_steps=1, devices=2, strategy="ddp", use_distributed_sampler=False)
+    trainer.fit(module)
+    state = {k: v.detach().clone() for k, v in adapter_state_dict(module.model).items()}
+    torch.save(state, out / f"rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":  # the DDP test's worker: python tests/methods/test_eva.py OUT_DIR
+    _ddp_main(Path(sys.argv[1]))
+    end_process_group()
