@@ -236,14 +236,15 @@ def eva_components(
     batches: Iterable,
     config: EvaConfig,
     forward_fn: ForwardFn = default_forward,
+    r: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """The EVA ``A`` of every layer in ``layers`` (``{module name: configured rank}``): ``(rank', in)`` tensors,
     ``rank'`` after redistribution (0 rows: the layer gets no adapter). ``batches`` is iterated (cyclically) until
-    every component a layer needs has converged."""
+    every component a layer needs has converged. ``r``: the method's rank, for the cap on a huge ``rho``."""
     budget = sum(layers.values())
     rho = config.rho
     if rho > _RHO_CAP:
-        rho = min(rho, max(max(p.shape) for p in model.parameters()) // max(layers.values()))
+        rho = min(rho, max(max(p.shape) for p in model.parameters()) // (r or max(layers.values())))
     max_components = {name: round(r * rho) for name, r in layers.items()}
     device = next((p.device for p in model.parameters() if p.device.type != "meta"), None)
     recorders = {name: _Recorder(name) for name in layers}
@@ -450,7 +451,7 @@ def initialize_eva_weights(
         if batches is None:
             raise ValueError("initialize_eva_weights needs batches (a DataLoader or a list) or components.")
         with disable_adapters(model):
-            components = eva_components(model, layers, batches, config, forward_fn)
+            components = eva_components(model, layers, batches, config, forward_fn, method.r)
     if broadcast is not None:
         components = broadcast({k: v.cpu() for k, v in components.items()})
     ranks = {}
