@@ -245,7 +245,7 @@ def eva_components(
     rho = config.rho
     if rho > _RHO_CAP:
         rho = min(rho, max(max(p.shape) for p in model.parameters()) // (r or max(layers.values())))
-    max_components = {name: round(r * rho) for name, r in layers.items()}
+    max_components = {name: round(rank * rho) for name, rank in layers.items()}
     device = next((p.device for p in model.parameters() if p.device.type != "meta"), None)
     recorders = {name: _Recorder(name) for name in layers}
     handles = {name: model.get_submodule(name).register_forward_hook(rec) for name, rec in recorders.items()}
