@@ -141,7 +141,8 @@ def test_loftq_directory_loads_both_ways(tmp_path: Path) -> None:
     model.load_state_dict(
         {k.replace(".base_layer", ""): v for k, v in theirs.state_dict().items() if "lora_" not in k}
     )
-    quantize(model, TARGETS, double_quant=False)  # peft quantized only these; their weights are on the NF4 grid: exact
+    # peft quantized only these, and their weights are on the NF4 grid: quantizing them again is exact.
+    quantize(model, TARGETS, double_quant=False)
     for name, layer in _targets(theirs).items():
         assert torch.equal(dequantize_weight(model.get_submodule(name)), layer.base_layer.weight)
     load_adapter(model, tmp_path / "peft")
