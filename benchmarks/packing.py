@@ -14,8 +14,13 @@ on exactly the same tokens; the calls alternate round by round in one process an
 of the per-round ratios (padded time / packed time = packed tokens/s over padded tokens/s). Before timing, the
 token-weighted mean loss of a pass is checked to be equal both ways (the two compute the same loss).
 
+On a machine whose cores other processes share, pass ``--threads 1``: threads competing for busy cores make
+the per-round ratios noise (measured on a 2-core VM at load ~8: 1.81x with 1 thread, quartiles 1.64-2.00; with
+2 threads 0.64x, quartiles 0.27-0.94).
+
 Usage:
     python -m benchmarks.packing                           # hidden 256, 4 layers, 48 examples, 5 rounds
+    python -m benchmarks.packing --threads 1 --examples 32 # the measured run (~5 min on 2 shared cores)
     python -m benchmarks.packing --hidden 512 --examples 96 --rounds 9 --threads 16
 """
 
