@@ -11,6 +11,7 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers as tf
 from safetensors.torch import load_file
 from torch import nn
 
@@ -32,7 +33,7 @@ from lightning_peft.methods.lora.param_wrapper import LoraParamWrapper
 from lightning_peft.methods.lora.weighted import add_weighted_adapter
 from lightning_peft.testing.checks import randomise
 from tests.architecture_matrix import FAMILIES
-from tests.tiny_models import tiny_llama, token_batch
+from tests.tiny_models import seeded, tiny_llama, token_batch
 
 EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
 IDS = token_batch(batch=2, length=7)
@@ -189,6 +190,48 @@ def test_peft_parity_both_ways(family: str, tmp_path: Path) -> None:
     assert peft_keys["base_model.model.model.layers.1.mlp.experts.lora_B.weight"] == (32, 3 * 4)
     loaded = load_adapter(moe(family), tmp_path / "peft")
     diff = max_diff(logits(loaded), logits(theirs))
+    assert diff < 1e-5, f"peft -> ours: max |diff| {diff}"
+
+
+_SMALL = dict(
+    vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, head_dim=8, num_experts_per_tok=2,
+)  # fmt: skip
+MORE_FAMILIES = {
+    "Qwen3-MoE": (
+        tf.Qwen3MoeForCausalLM,
+        tf.Qwen3MoeConfig,
+        dict(_SMALL, moe_intermediate_size=16, num_experts=4, decoder_sparse_step=1),
+    ),
+    # (E, in, out) experts with biases, flagged is_transposed, gate and up interleaved
+    "GPT-OSS": (
+        tf.GptOssForCausalLM,
+        tf.GptOssConfig,
+        dict(_SMALL, num_local_experts=4, layer_types=["full_attention"] * 2),
+    ),
+}
+
+
+@pytest.mark.parametrize("family", list(MORE_FAMILIES))
+def test_more_moe_families_equal_peft_both_ways(family: str, tmp_path: Path) -> None:
+    model_class, config_class, config = MORE_FAMILIES[family]
+
+    def build() -> nn.Module:
+        return seeded(model_class, config_class, 0, **config)
+
+    ours = inject(build(), LoRA(r=2, alpha=4, target_modules=[], target_parameters=EXPERTS))
+    assert ours.model.layers[0].mlp.experts.transposed == (family == "GPT-OSS")
+    randomise(ours, scale=0.1)
+    expected = logits(ours)
+    assert max_diff(expected, logits(build())) > 1e-2
+    save_adapter(ours, tmp_path)
+    diff = max_diff(logits(peft.PeftModel.from_pretrained(build(), tmp_path).eval()), expected)
+    assert diff < 1e-5, f"ours -> peft: max |diff| {diff}"
+    peft_config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=EXPERTS)
+    theirs = peft.get_peft_model(build(), peft_config)
+    randomise(theirs, seed=5, scale=0.1)
+    theirs.eval().save_pretrained(tmp_path / "peft")
+    diff = max_diff(logits(load_adapter(build(), tmp_path / "peft")), logits(theirs))
     assert diff < 1e-5, f"peft -> ours: max |diff| {diff}"
 
 
