@@ -495,12 +495,17 @@ NO_CACHE = Refusal(
     "the attention takes no key/value cache, so a prefix would never be attended to (prompt tuning, P-tuning and "
     "LoRA work)",
 )
-ENCODER_DECODER = Refusal(
-    "prefixes are not implemented for encoder-decoders yet",
-    "prefixes are not implemented for encoder-decoders yet (prompt tuning and P-tuning work: before the encoder's input)",
+GATED_ENCODER_DECODER = Refusal(
+    "its per-layer prefix gates need one attention module per layer",
+    "UniPELT gates each layer's prefix in the one attention module of that layer index; an encoder-decoder has three "
+    "(prefix tuning, P-tuning v2 and MAM put the prefix in the decoder's self-attention, as peft)",
 )
 AUDIO = Refusal(
     "takes no inputs_embeds", "the encoder reads audio features: no token input to put prompts before"
+)
+AUDIO_PREFIX = Refusal(
+    "takes no inputs_embeds",
+    "the encoder reads audio features, and peft's encoder-decoder prefix format runs the encoder on token ids",
 )
 NO_QUANTIZABLE = Refusal(
     "has no nn.Linear inside repeated blocks",
@@ -541,12 +546,12 @@ _REFUSED: dict[str, dict[str, Refusal]] = {
     "Bloom": dict.fromkeys(PREFIX_METHODS, NO_CACHE),
     "DeBERTa-v2": dict.fromkeys(PREFIX_METHODS, NO_CACHE),
     "DistilBERT": dict.fromkeys(PREFIX_METHODS, NO_CACHE),
-    "T5": {"BitFit": NO_BIAS, **dict.fromkeys(PREFIX_METHODS, ENCODER_DECODER)},
-    "BART": {**dict.fromkeys(PREFIX_METHODS, ENCODER_DECODER), "Adapter (parallel)": WIDENING},
+    "T5": {"BitFit": NO_BIAS, "UniPELT": GATED_ENCODER_DECODER},
+    "BART": {"UniPELT": GATED_ENCODER_DECODER, "Adapter (parallel)": WIDENING, "MAMAdapter": WIDENING},
     "Whisper": {
         "PromptTuning": AUDIO,
         "PTuning": AUDIO,
-        **dict.fromkeys(PREFIX_METHODS, ENCODER_DECODER),
+        **dict.fromkeys(PREFIX_METHODS, AUDIO_PREFIX),
         "Adapter (parallel)": WIDENING,
     },
     "ViT": {

@@ -20,6 +20,7 @@ names the installed version and what it could not find - never silently wrong ou
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import inspect
@@ -46,9 +47,12 @@ __all__ = [
     "cache_layer",
     "call_cache",
     "check_cache_api",
+    "decoder_self_attention_cache",
     "module_cache",
     "new_cache",
+    "new_encoder_decoder_cache",
     "output_cache",
+    "recompute_cross_attention",
     "set_cache_key_values",
     "set_call_cache",
     "set_output_cache",
@@ -128,11 +132,22 @@ def output_cache(output: Any) -> Any:
 
 
 def set_output_cache(output: Any, cache: Any) -> None:
-    """Replace the cache field of a model output (``None`` drops it), under the spelling the output uses."""
+    """Replace the cache field of a model output, under the spelling the output uses.
+
+    ``None`` removes the field, so the output is what a call without a cache returns (``generate`` reorders a cache
+    for beam search wherever the field exists, even holding ``None``; ``ModelOutput`` refuses ``del``).
+    """
     keys = set(output.keys())
     name = next((n for n in CACHE_ARGUMENTS if n in keys), None)
-    if name is not None:
+    if name is None:
+        return
+    if cache is not None:
         output[name] = cache
+        return
+    remove = collections.OrderedDict.__delitem__ if isinstance(output, collections.OrderedDict) else dict.__delitem__
+    remove(output, name)
+    if name in getattr(output, "__dict__", {}):
+        object.__setattr__(output, name, None)
 
 
 def is_cache_field(key: str) -> bool:
@@ -145,6 +160,24 @@ def new_cache(config: Any = None) -> Any:
     from transformers import DynamicCache
 
     return DynamicCache(config=config) if hasattr(config, "get_text_config") else DynamicCache()
+
+
+def new_encoder_decoder_cache() -> Any:
+    """An empty ``EncoderDecoderCache``: the decoder's self-attention part and the cross-attention part."""
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    return EncoderDecoderCache(DynamicCache(), DynamicCache())
+
+
+def decoder_self_attention_cache(cache: Any) -> Any:
+    """The decoder self-attention part of an ``EncoderDecoderCache`` (``None`` for any other cache)."""
+    return getattr(cache, "self_attention_cache", None)
+
+
+def recompute_cross_attention(cache: Any) -> None:
+    """Make an ``EncoderDecoderCache``'s cross-attention layers recompute their keys/values on the next call."""
+    for index in list(getattr(cache, "is_updated", {})):
+        cache.is_updated[index] = False
 
 
 def cache_layer(cache: Any, layer_idx: int) -> Any:

@@ -383,3 +383,55 @@ def test_encoder_decoder_beam_search_and_sampling_match_peft(family, tmp_path):
             with torch.no_grad():
                 outputs.append(model.generate(**inputs, **settings))
         assert torch.equal(outputs[0], outputs[1]), settings
+
+
+# --- the call record: each call's rewrite travels with the call (nesting, threads, a replaced kwargs dict) -------
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_calls_in_threads_and_nested_calls_each_see_their_own_record(kind):
+    import threading
+
+    from lightning_peft.methods import PTuningV2
+
+    model = build("llama", method() if kind == "prompt" else PTuningV2(num_virtual_tokens=N))
+    seqs = sequences((5, 8, 3, 6))
+    with torch.no_grad():
+        alone = [model(input_ids=s[None]).logits for s in seqs]
+    results: dict[int, torch.Tensor] = {}
+    barrier = threading.Barrier(len(seqs))
+
+    def run(i: int) -> None:
+        barrier.wait()  # start together: the calls overlap
+        with torch.no_grad():
+            for _ in range(3):
+                results[i] = model(input_ids=seqs[i][None]).logits
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(seqs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, expected in enumerate(alone):  # each thread's output has its own length and values (exact)
+        assert torch.equal(results[i], expected)
+
+    # A call of the model inside another call of it (a hook on a layer): both are rewritten, both outputs correct.
+    inner: list[torch.Tensor] = []
+
+    def call_inside(*_: object) -> None:
+        if not inner:
+            inner.append(torch.empty(0))  # once: the inner call runs this hook too
+            inner[0] = model(input_ids=seqs[2][None]).logits
+
+    handle = model.model.layers[0].register_forward_hook(call_inside)
+    try:
+        with torch.no_grad():
+            outer = model(input_ids=seqs[1][None]).logits
+    finally:
+        handle.remove()
+    assert torch.equal(outer, alone[1]) and torch.equal(inner[0], alone[2])
+
+
+def test_a_pre_hook_that_replaces_the_keyword_arguments_is_refused():
+    model = build("llama", method())
+    model.register_forward_pre_hook(lambda m, args, kwargs: (args, dict(kwargs)), with_kwargs=True)
+    with pytest.raises(RuntimeError, match=r"replaced the call.s keyword arguments.*prepend=True"):
+        model(input_ids=sequences((5,))[0][None])

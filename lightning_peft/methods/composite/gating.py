@@ -37,7 +37,7 @@ from lightning_peft.methods.adapter import Adapter, Bottleneck
 from lightning_peft.methods.lora.layers import LoraLayer, LoraLinear
 from lightning_peft.methods.lora.lora import LoRA
 from lightning_peft.methods.lora.variants import attach_gate
-from lightning_peft.methods.prompt.hooks import CACHE_TAG, INPUT_MASK_TAG
+from lightning_peft.methods.prompt.hooks import prefix_record
 from lightning_peft.methods.prompt.prefix_tuning import PrefixTuning
 from lightning_peft.methods.prompt.prompting import embedding_weight, find_host
 from lightning_peft.methods.prompt.virtual_tokens import VirtualTokens, virtual_tokens_layer
@@ -100,6 +100,8 @@ class GatedPrefixTuning(PrefixTuning):
 
     Args: those of :class:`~lightning_peft.methods.PrefixTuning`.
     """
+
+    encoder_decoders: ClassVar[bool] = False  # one gate per layer index: an encoder-decoder has three such modules
 
     def inject_layers(self, model: nn.Module, adapter_name: str) -> None:
         super().inject_layers(model, adapter_name)
@@ -165,7 +167,8 @@ def _gate_prefix(host_ref: weakref.ref, attention: nn.Module, args: tuple, kwarg
         return
     cache = hf.module_cache(attention, args, kwargs)
     n = tokens.specs[adapter_name].num_virtual_tokens
-    if getattr(cache, CACHE_TAG, None) != (adapter_name, n):
+    record = prefix_record(host, cache)  # the prefix this cache holds, and the padding mask of the call
+    if record is None or (record.adapter_name, record.num_virtual_tokens) != (adapter_name, n):
         return
     index = hf.layer_index(attention)
     if (
@@ -174,7 +177,7 @@ def _gate_prefix(host_ref: weakref.ref, attention: nn.Module, args: tuple, kwarg
         return
     hidden = _hidden_states(attention, args, kwargs)  # (B, T, d)
     gate = tokens.prefix_gates[adapter_name][index]
-    g = sequence_gate(gate(hidden), getattr(cache, INPUT_MASK_TAG, None))  # (B, 1)
+    g = sequence_gate(gate(hidden), record.input_mask)  # (B, 1)
     keys, values = hf.cache_key_values(cache, index)
     g = g.view(-1, 1, 1, 1).to(keys.dtype)  # one factor per sequence on its (n_kv_heads, n, head_dim)
     hf.set_cache_key_values(cache, index, keys * g, values * g)

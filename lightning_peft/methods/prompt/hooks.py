@@ -24,16 +24,26 @@ model's own over the extended sequence, as in peft: for a causal LM with a promp
 the first real token from the last virtual one. As in peft, prompts come before an encoder's ``[CLS]``, so a
 pooler that reads position 0 (BERT's) reads the first virtual token.
 
-Generation: a call with no cache (or an empty one) gets the virtual tokens; the cache it returns is tagged, and a
-call continuing from a tagged cache only extends the mask and shifts positions, since the cache already holds
-the virtual tokens. A non-empty cache that was not produced with the adapter is refused. The post-hook also
-checks that every attention layer read the prefix, so a model that ignores the cache fails loudly.
+Encoder-decoders (T5, BART), as peft: prompts go before the *encoder's* input (a pre-hook on the encoder, so
+``generate()``, which runs the encoder by itself, gets them too); a prefix goes into the *decoder's*
+self-attention cache only - the encoder reads no cache, and the cross-attention keys are recomputed from the
+encoder's output (peft empties that part of the cache) - and ``decoder_attention_mask`` gets ``n`` ones.
+
+The call record: the pre-hook describes what it did to a call in a :class:`_Call` and returns the call's keyword
+arguments as a :class:`_CallKwargs` carrying it. torch unpacks that dict into ``forward`` (which sees plain
+arguments) and hands the same object to the post-hook, so each call's record travels with the call itself: nested
+calls, recomputation and threads (``DataParallel`` replicas) each see their own, and nothing outlives the call.
+
+Generation: a call with no cache (or an empty one) gets the virtual tokens; the host's :class:`PromptHooks`
+remembers (weakly) every cache a call wrote the prefix to or returned, and a call continuing from such a cache
+only extends the mask and shifts positions, since the cache already holds the virtual tokens. A non-empty cache
+the hooks did not see is refused. The post-hook also checks that every attention layer read the prefix, so a model
+that ignores the cache fails loudly.
 """
 
 from __future__ import annotations
 
 import inspect
-import threading
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -44,11 +54,7 @@ from torch import nn
 from lightning_peft.core import transformers_compat as hf
 from lightning_peft.methods.prompt.virtual_tokens import VirtualTokens, VirtualTokenSpec
 
-CACHE_TAG = "_lightning_peft_virtual_tokens"
-#: On a cache the prefix was written to: the call's own (B, T) padding mask (which inputs are real tokens).
-INPUT_MASK_TAG = "_lightning_peft_input_mask"
 _HOOKS_ATTR = "_lightning_peft_prompt_hooks"
-_CALLS = threading.local()  # the pre-hook's record of each call, for the post-hook (per thread: DataParallel)
 _TOKEN_LEVEL_2D = ("start_logits", "end_logits")
 CHECKPOINTING_ERROR = (
     "{method} hands the prefix to the attention layers in the key/value cache, which transformers drops under gradient "
@@ -56,75 +62,156 @@ CHECKPOINTING_ERROR = (
 )
 
 
+@dataclass(frozen=True)
+class PrefixRecord:
+    """What a cache holds: this adapter's prefix, written by a call whose padding mask was ``input_mask``."""
+
+    adapter_name: str
+    num_virtual_tokens: int
+    input_mask: (
+        torch.Tensor | None
+    )  # (B, T): which inputs of the writing call were real tokens (UniPELT's gates)
+
+
 @dataclass
 class _Call:
-    """What the pre-hook did to one call."""
+    """What the pre-hook did to one call, for its post-hook."""
 
     adapter_name: str
     spec: VirtualTokenSpec
     length: int  # query length after rewriting
     prepended: bool  # prompts were prepended: outputs hold n virtual positions to drop
+    input_mask: torch.Tensor | None = None  # the caller's padding mask (before the n ones)
     prefix_cache: Any = None  # the cache the prefix was written to
     drop_cache: bool = False  # that cache is ours and the caller asked for none (use_cache=False)
 
 
-def install_hooks(host: nn.Module) -> None:
-    """Register the hooks once; they remove themselves once the adapter layer is gone (``unload``).
+class _CallKwargs(dict):
+    """A call's keyword arguments as the pre-hook rewrote them, carrying the call's record (``None``: no adapter)."""
 
-    On an encoder-decoder the prompts go before the *encoder's* input (as in the prompt-tuning paper, on T5, and
-    peft): a pre-hook on the encoder prepends them, so ``generate()``, which runs the encoder by itself, gets them
-    too; the host's pre-hook only widens the cross-attention's ``attention_mask`` by ``n``. Decoder inputs,
-    labels and outputs are left as they are (``encoder_last_hidden_state`` keeps the ``n`` prompt positions).
-    """
-    if getattr(host, _HOOKS_ATTR, None):
+    def __init__(self, kwargs: dict, call: _Call | None) -> None:
+        super().__init__(kwargs)
+        self.call = call
+
+
+class PromptHooks:
+    """The hooks of one host, and the caches holding its virtual tokens (weakly: a cache lives as its caller keeps it)."""
+
+    def __init__(self) -> None:
+        self.handles: tuple[Any, ...] = ()
+        self.caches: weakref.WeakKeyDictionary[Any, PrefixRecord] = weakref.WeakKeyDictionary()
+
+    def remove(self, host: nn.Module) -> None:
+        for handle in self.handles:
+            handle.remove()
+        object.__delattr__(host, _HOOKS_ATTR)
+
+    def holds_virtual_tokens(self, cache: Any, adapter_name: str, n: int) -> bool:
+        """Whether ``cache`` continues a call that already got this adapter's virtual tokens."""
+        if cache is None or not hf.is_cache(cache) or hf.cache_length(cache) == 0:
+            return False
+        record = self.caches.get(cache)
+        if record is None or (record.adapter_name, record.num_virtual_tokens) != (adapter_name, n):
+            held = "none" if record is None else f"('{record.adapter_name}', {record.num_virtual_tokens})"
+            raise ValueError(
+                "The cache holds tokens but was not produced with this soft-prompt adapter "
+                f"('{adapter_name}', {n} virtual tokens; the cache holds {held}): its positions would not line "
+                "up with the virtual tokens. Start from no cache (or an empty one), as generate() does."
+            )
+        return True
+
+
+def hooks_of(host: nn.Module) -> PromptHooks | None:
+    return getattr(host, _HOOKS_ATTR, None)
+
+
+def prefix_record(host: nn.Module, cache: Any) -> PrefixRecord | None:
+    """The prefix ``cache`` holds from a call of ``host`` (``None``: none of this host's adapters wrote it)."""
+    hooks = hooks_of(host)
+    return None if hooks is None or cache is None else hooks.caches.get(cache)
+
+
+def install_hooks(host: nn.Module) -> None:
+    """Register the hooks once; they remove themselves once the adapter layer is gone (``unload``)."""
+    if hooks_of(host) is not None:
         return
+    hooks = PromptHooks()
+    before = _before_encoder_decoder if is_encoder_decoder(host) else _before_forward
+    handles = [
+        host.register_forward_pre_hook(before, with_kwargs=True),
+        host.register_forward_hook(_after_forward, with_kwargs=True),
+    ]
     if is_encoder_decoder(host):
-        encoder = host.get_encoder()
-        handles = (
-            host.register_forward_pre_hook(_before_encoder_decoder, with_kwargs=True),
-            encoder.register_forward_pre_hook(_encoder_hook(host), with_kwargs=True),
-        )
-    else:
-        handles = (
-            host.register_forward_pre_hook(_before_forward, with_kwargs=True),
-            host.register_forward_hook(_after_forward, with_kwargs=True),
-        )
-    object.__setattr__(host, _HOOKS_ATTR, handles)
+        handles.append(host.get_encoder().register_forward_pre_hook(_encoder_hook(host), with_kwargs=True))
+    hooks.handles = tuple(handles)
+    object.__setattr__(host, _HOOKS_ATTR, hooks)
 
 
 def is_encoder_decoder(host: nn.Module) -> bool:
     return bool(getattr(getattr(host, "config", None), "is_encoder_decoder", False))
 
 
-def _active_prompt(host: nn.Module) -> tuple[VirtualTokens, str] | None:
+def checkpointing(host: nn.Module) -> bool:
+    return hf.activation_checkpointing(host)
+
+
+def _active_prompt(host: nn.Module) -> tuple[VirtualTokens, str | tuple[str, ...]] | None:
     """The virtual-token layer and its active adapter; ``None`` when none is active. Unloaded: the hooks go."""
     layer = host.get_input_embeddings()
     if not isinstance(layer, VirtualTokens):
-        for handle in getattr(host, _HOOKS_ATTR, ()):
-            handle.remove()
-        object.__delattr__(host, _HOOKS_ATTR)
+        if (hooks := hooks_of(host)) is not None:
+            hooks.remove(host)
         return None
     source = layer.prompt_source()  # the active adapter, or one per row inside mixed_batch
     return None if source is None else (layer, source)
 
 
-def _before_encoder_decoder(host: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    """Widen the padding mask the decoder's cross-attention reads by the ``n`` prompt positions."""
+def _keyword_arguments(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Name positional arguments (``model(ids)``) so the rewrite sees every input."""
+    positional = [
+        p.name
+        for p in inspect.signature(module.forward).parameters.values()
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    named = min(len(args), len(positional))
+    kwargs.update(zip(positional[:named], args[:named], strict=True))
+    return args[named:], kwargs
+
+
+def _before_forward(host: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     active = _active_prompt(host)
     if active is None:
-        return None
+        return None if hooks_of(host) is None else (args, _CallKwargs(kwargs, None))
     layer, adapter_name = active
+    if layer.spec(adapter_name).kind == "prefix" and host.training and checkpointing(host):
+        raise RuntimeError(CHECKPOINTING_ERROR.format(method="The prefix adapter"))
     args, kwargs = _keyword_arguments(host, args, dict(kwargs))
-    mask, n = kwargs.get("attention_mask"), layer.spec(adapter_name).num_virtual_tokens
-    if mask is None:
-        return args, kwargs
-    encoded = kwargs.get("encoder_outputs")
-    if encoded is not None:  # generate(): the encoder already ran (with the prompts), on the caller's mask
-        states = encoded[0] if isinstance(encoded, (tuple, list)) else encoded.last_hidden_state
-        if mask.shape[1] != states.shape[1] - n:
-            return args, kwargs
-    kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)  # (B, n + T)
-    return args, kwargs
+    return args, _CallKwargs(kwargs, rewrite_inputs(layer, adapter_name, kwargs, host))
+
+
+def _before_encoder_decoder(host: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Prompts: widen the cross-attention's padding mask by ``n``. Prefixes: write the decoder's cache."""
+    active = _active_prompt(host)
+    if active is None:
+        return None if hooks_of(host) is None else (args, _CallKwargs(kwargs, None))
+    layer, adapter_name = active
+    spec = layer.spec(adapter_name)
+    if spec.kind == "prefix" and host.training and checkpointing(host):
+        raise RuntimeError(CHECKPOINTING_ERROR.format(method="The prefix adapter"))
+    args, kwargs = _keyword_arguments(host, args, dict(kwargs))
+    if spec.kind == "prefix":
+        return args, _CallKwargs(kwargs, _rewrite_decoder_prefix(layer, adapter_name, kwargs, host))
+    mask, n = kwargs.get("attention_mask"), spec.num_virtual_tokens
+    if mask is not None:
+        encoded = kwargs.get("encoder_outputs")
+        states = None
+        if (
+            encoded is not None
+        ):  # generate(): the encoder already ran (with the prompts), on the caller's mask
+            states = encoded[0] if isinstance(encoded, (tuple, list)) else encoded.last_hidden_state
+        if states is None or mask.shape[1] == states.shape[1] - n:
+            kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)  # (B, n + T)
+    return args, _CallKwargs(kwargs, None)
 
 
 def _encoder_hook(host: nn.Module) -> Any:
@@ -134,7 +221,7 @@ def _encoder_hook(host: nn.Module) -> Any:
         """Prepend the prompts to the encoder's input; widen its mask unless the host already did."""
         host = host_ref()
         active = _active_prompt(host) if host is not None else None
-        if active is None:
+        if active is None or active[0].spec(active[1]).kind != "prompt":
             return None
         layer, adapter_name = active
         args, kwargs = _keyword_arguments(encoder, args, dict(kwargs))
@@ -152,39 +239,23 @@ def _encoder_hook(host: nn.Module) -> Any:
     return before_encoder
 
 
-def checkpointing(host: nn.Module) -> bool:
-    return hf.activation_checkpointing(host)
+def _check_mask(mask: torch.Tensor | None, name: str) -> None:
+    if mask is not None and mask.dim() != 2:
+        raise ValueError(
+            f"Soft-prompt methods extend a 2-D {name} (B, T); got shape {tuple(mask.shape)}. "
+            "Pass the 2-D padding mask and let the model build its attention mask."
+        )
 
 
-def _calls() -> dict[int, _Call | None]:
-    if not hasattr(_CALLS, "by_host"):
-        _CALLS.by_host = {}
-    return _CALLS.by_host
-
-
-def _before_forward(host: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    _calls()[id(host)] = None
-    active = _active_prompt(host)
-    if active is None:
-        return None
-    layer, adapter_name = active
-    if layer.spec(adapter_name).kind == "prefix" and host.training and checkpointing(host):
-        raise RuntimeError(CHECKPOINTING_ERROR.format(method="The prefix adapter"))
-    args, kwargs = _keyword_arguments(host, args, dict(kwargs))
-    _calls()[id(host)] = rewrite_inputs(layer, adapter_name, kwargs, host)
-    return args, kwargs
-
-
-def _keyword_arguments(host: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Name positional arguments (``model(ids)``) so the rewrite sees every input."""
-    positional = [
-        p.name
-        for p in inspect.signature(host.forward).parameters.values()
-        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    ]
-    named = min(len(args), len(positional))
-    kwargs.update(zip(positional[:named], args[:named], strict=True))
-    return args[named:], kwargs
+def _check_positions(host: nn.Module, n: int, seen: int, length: int) -> None:
+    """``seen`` positions (the virtual tokens and what the cache holds) + ``length`` must fit a learned table."""
+    if (limit := _position_limit(host)) is not None and seen + length > limit:
+        total = seen + length
+        raise ValueError(
+            f"{n} virtual tokens + {total - n} input tokens = {total} positions, but {type(host).__name__} has "
+            f"{limit} learned positions. Shorten inputs to {limit - n} tokens (data.max_length) or use fewer "
+            "virtual tokens."
+        )
 
 
 def rewrite_inputs(layer: VirtualTokens, adapter_name: str, kwargs: dict, host: nn.Module) -> _Call:
@@ -197,27 +268,17 @@ def rewrite_inputs(layer: VirtualTokens, adapter_name: str, kwargs: dict, host: 
         raise ValueError("Soft-prompt methods need input_ids or inputs_embeds in the call.")
     batch, length = (input_ids if input_ids is not None else embeds).shape[:2]
     cache = hf.call_cache(kwargs)
-    continuing = _holds_virtual_tokens(cache, adapter_name, n)
-    if (limit := _position_limit(host)) is not None:
-        total = (hf.cache_length(cache) if continuing else n) + length
-        if total > limit:
-            raise ValueError(
-                f"{n} virtual tokens + {total - n} input tokens = {total} positions, but {type(host).__name__} has "
-                f"{limit} learned positions. Shorten inputs to {limit - n} tokens (data.max_length) or use fewer "
-                "virtual tokens."
-            )
+    continuing = hooks_of(host).holds_virtual_tokens(cache, adapter_name, n)
+    _check_positions(host, n, hf.cache_length(cache) if continuing else n, length)
     call = _Call(adapter_name, spec, length, prepended=spec.kind == "prompt" and not continuing)
 
     mask = kwargs.get("attention_mask")
-    if mask is not None and mask.dim() != 2:
-        raise ValueError(
-            f"Soft-prompt methods extend a 2-D attention_mask (B, T); got shape {tuple(mask.shape)}. "
-            "Pass the 2-D padding mask and let the model build its attention mask."
-        )
+    _check_mask(mask, "attention_mask")
     if mask is None and spec.kind == "prefix":  # encoders size their mask from it: make the prefix visible
         seen = hf.cache_length(cache) - n if continuing else 0  # what the caller has seen: without the prefix
         device = (input_ids if input_ids is not None else embeds).device
         mask = torch.ones(batch, seen + length, dtype=torch.long, device=device)
+    call.input_mask = mask
     if mask is not None:
         kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)  # (B, n + T)
     if (positions := kwargs.get("position_ids")) is not None:
@@ -229,16 +290,77 @@ def rewrite_inputs(layer: VirtualTokens, adapter_name: str, kwargs: dict, host: 
     elif spec.kind == "prefix" and not continuing:
         if cache is None:
             cache = hf.new_cache(config)
-            use_cache = kwargs.get("use_cache")  # transformers defaults it to config.use_cache
-            call.drop_cache = not (getattr(config, "use_cache", False) if use_cache is None else use_cache)
+            call.drop_cache = not _wants_cache(config, kwargs)
         dtype = embeds.dtype if embeds is not None else layer.weight.dtype
-        for index, (key, value) in enumerate(layer.prefix(adapter_name, batch, dtype)):
-            cache.update(key, value, index)  # (B, n_kv_heads, n, head_dim) per layer
-        setattr(cache, CACHE_TAG, (adapter_name, n))
-        setattr(cache, INPUT_MASK_TAG, mask)
+        _write_prefix(cache, layer.prefix(adapter_name, batch, dtype))
+        _record_prefix(host, cache, call)
         hf.set_call_cache(host, kwargs, cache)
-        call.prefix_cache = cache
     return call
+
+
+def _rewrite_decoder_prefix(layer: VirtualTokens, adapter_name: str, kwargs: dict, host: nn.Module) -> _Call:
+    """An encoder-decoder's call: the prefix goes into the decoder's self-attention cache (peft's seq2seq prefix)."""
+    spec = layer.spec(adapter_name)
+    n = spec.num_virtual_tokens
+    decoder_input = next(
+        (
+            kwargs[k]
+            for k in ("decoder_input_ids", "decoder_inputs_embeds", "labels")
+            if kwargs.get(k) is not None
+        ),
+        None,
+    )
+    if decoder_input is None:
+        raise ValueError(
+            f"{type(host).__name__}: the prefix goes to the decoder, which needs decoder_input_ids, "
+            "decoder_inputs_embeds or labels in the call."
+        )
+    batch, length = decoder_input.shape[:2]
+    cache = hf.call_cache(kwargs)
+    continuing = hooks_of(host).holds_virtual_tokens(cache, adapter_name, n)
+    _check_positions(host, n, hf.cache_length(cache) if continuing else n, length)
+    call = _Call(adapter_name, spec, length, prepended=False)
+    mask = kwargs.get("decoder_attention_mask")
+    _check_mask(mask, "decoder_attention_mask")
+    call.input_mask = mask
+    if mask is not None:  # peft widens it too: the decoder's queries see the n prefix positions
+        kwargs["decoder_attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+    if continuing:
+        return call
+    if cache is None:
+        cache = hf.new_encoder_decoder_cache()
+        call.drop_cache = not _wants_cache(getattr(host, "config", None), kwargs)
+    decoder_cache = hf.decoder_self_attention_cache(cache)
+    if decoder_cache is None:
+        raise ValueError(
+            f"{type(host).__name__} was given a {type(cache).__name__}; the prefix goes into the decoder's "
+            "self-attention part of an encoder-decoder cache. Pass an empty encoder-decoder cache, or none."
+        )
+    embeds = kwargs.get("decoder_inputs_embeds")
+    dtype = embeds.dtype if embeds is not None else layer.weight.dtype
+    _write_prefix(decoder_cache, layer.prefix(adapter_name, batch, dtype))
+    hf.recompute_cross_attention(cache)  # as peft: the cross-attention reads the encoder's output only
+    _record_prefix(host, cache, call)
+    hf.set_call_cache(host, kwargs, cache)
+    return call
+
+
+def _record_prefix(host: nn.Module, cache: Any, call: _Call) -> None:
+    """Remember that ``cache`` holds the prefix: later calls continue from it, UniPELT's gates read the mask."""
+    call.prefix_cache = cache
+    hooks_of(host).caches[cache] = PrefixRecord(
+        call.adapter_name, call.spec.num_virtual_tokens, call.input_mask
+    )
+
+
+def _wants_cache(config: Any, kwargs: dict) -> bool:
+    use_cache = kwargs.get("use_cache")  # transformers defaults it to config.use_cache
+    return bool(getattr(config, "use_cache", False) if use_cache is None else use_cache)
+
+
+def _write_prefix(cache: Any, key_values: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for index, (key, value) in enumerate(key_values):
+        cache.update(key, value, index)  # (B, n_kv_heads, n, head_dim) per attention layer
 
 
 _POSITION_LIMITS: weakref.WeakKeyDictionary[nn.Module, int | None] = weakref.WeakKeyDictionary()
@@ -273,20 +395,6 @@ def _prepend_prompts(layer: VirtualTokens, adapter_name: str, kwargs: dict, batc
         kwargs["labels"] = torch.cat([labels.new_full((labels.shape[0], n), -100), labels], dim=1)
 
 
-def _holds_virtual_tokens(cache: Any, adapter_name: str, n: int) -> bool:
-    """Whether ``cache`` continues a call that already got this adapter's virtual tokens."""
-    if cache is None or not hf.is_cache(cache) or hf.cache_length(cache) == 0:
-        return False
-    tag = getattr(cache, CACHE_TAG, None)
-    if tag != (adapter_name, n):
-        raise ValueError(
-            "The cache holds tokens but was not produced with this soft-prompt adapter "
-            f"('{adapter_name}', {n} virtual tokens; cache tag {tag}): its positions would not line up with the "
-            "virtual tokens. Start from no cache (or an empty one), as generate() does."
-        )
-    return True
-
-
 def _shift_positions(
     positions: torch.Tensor, mask: torch.Tensor | None, n: int, prepend: bool, batch: int
 ) -> torch.Tensor:
@@ -306,31 +414,40 @@ def _shift_positions(
 
 
 def _after_forward(host: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-    call = _calls().pop(id(host), None)
+    if not isinstance(kwargs, _CallKwargs):
+        raise RuntimeError(
+            f"A forward pre-hook registered on {type(host).__name__} after the soft-prompt adapter's replaced the "
+            "call's keyword arguments, so the adapter cannot tell what it did to the call. Register that hook "
+            "before injecting (or with prepend=True), or return the same dict from it."
+        )
+    call = kwargs.call
     if call is None:
         return None
+    hooks = hooks_of(host)
+    n = call.spec.num_virtual_tokens
     if call.prefix_cache is not None:
         _check_prefix_used(host, call)
     if call.prepended:
-        output = drop_virtual_positions(output, call.spec.num_virtual_tokens, call.length)
+        output = drop_virtual_positions(output, n, call.length)
     cache = hf.output_cache(output)
     if cache is not None:
         if call.drop_cache and hasattr(output, "keys"):
             hf.set_output_cache(output, None)
-        elif hf.is_cache(cache):
-            setattr(cache, CACHE_TAG, (call.adapter_name, call.spec.num_virtual_tokens))
+        elif hf.is_cache(cache) and hooks is not None and cache not in hooks.caches:
+            hooks.caches[cache] = PrefixRecord(call.adapter_name, n, call.input_mask)  # it holds the prompts
     return output
 
 
 def _check_prefix_used(host: nn.Module, call: _Call) -> None:
     cache, spec = call.prefix_cache, call.spec
     expected = spec.num_virtual_tokens + call.length
-    seen = [hf.cache_length(cache, i) for i in range(spec.num_layers)]
+    layers = len(spec.cache_layers)
+    seen = [hf.cache_length(cache, i) for i in range(layers)]
     if any(s != expected for s in seen):
         raise RuntimeError(
             f"{type(host).__name__} did not use the prefix in every attention layer: the cache's layers hold "
             f"{seen} tokens after the call, expected {expected} ({spec.num_virtual_tokens} prefix + "
-            f"{call.length} inputs) in each of {spec.num_layers} layers. Prefix methods need attention layers that "
+            f"{call.length} inputs) in each of {layers} layers. Prefix methods need attention layers that "
             "call cache.update(key, value, layer_idx) (DistilBERT's do not), and no gradient "
             "checkpointing (transformers then drops the cache). Use PromptTuning/PTuning for this model."
         )

@@ -12,28 +12,38 @@ keys and values for an initialisation text, and at step 0 the adapted model comp
 model computes on that text followed by the input.
 
 The flat prefix ``(n, L * 2 * n_kv_heads * head_dim)`` is what :func:`~lightning_peft.save_adapter` writes as
-peft's ``prompt_embeddings``. Methods that combine a prefix with other modules (MAM adapter, UniPELT) can inject
+peft's ``prompt_embeddings``. On an encoder-decoder (T5, BART) the prefix goes where peft puts it: into the decoder's
+self-attention, in peft's layout (:func:`~lightning_peft.methods.prompt.virtual_tokens.decoder_pairs`); the encoder
+reads no prefix and the cross-attention reads the encoder's output only. Methods that combine a prefix with other modules (MAM adapter, UniPELT) can inject
 a :class:`PrefixTuning` under their adapter name, or reuse :class:`PrefixEncoder` and
 :func:`~lightning_peft.methods.prompt.virtual_tokens.prefix_key_values`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from lightning_peft.core import transformers_compat as hf
+from lightning_peft.core.adapter_layer import AdapterLayer
 from lightning_peft.core.contract import PEFTMethod, register_method
+from lightning_peft.methods.prompt.hooks import is_encoder_decoder
 from lightning_peft.methods.prompt.prompting import (
     PromptLearningMethod,
     embedding_weight,
     prefix_geometry,
     tokenize_init_text,
 )
-from lightning_peft.methods.prompt.virtual_tokens import VirtualTokens, VirtualTokenSpec, flatten_key_values
+from lightning_peft.methods.prompt.virtual_tokens import (
+    Kind,
+    VirtualTokens,
+    VirtualTokenSpec,
+    decoder_pairs,
+    flatten_key_values,
+)
 
 
 class PrefixEncoder(nn.Module):
@@ -87,16 +97,19 @@ class PrefixEncoder(nn.Module):
 class _PrefixMethod(PromptLearningMethod):
     """Shared by Prefix Tuning and P-Tuning v2: cache geometry, real-word initialisation, peft format."""
 
-    kind: ClassVar[str] = "prefix"
+    kind: ClassVar[Kind] = "prefix"
     peft_type: ClassVar[str] = "PREFIX_TUNING"
     #: Whether the prefix goes through the reparametrisation MLP (peft's ``prefix_projection``).
     prefix_projection: ClassVar[bool] = True
+    #: Whether the prefix can go to an encoder-decoder's decoder (UniPELT's per-layer gates cannot follow it there).
+    encoder_decoders: ClassVar[bool] = True
 
     num_layers: int | None = None
     num_key_value_heads: int | None = None
     head_dim: int | None = None
     init_text: str | None = None
     tokenizer_name_or_path: str | None = None
+    num_transformer_submodules: int | None = None
     # The saved prefix replaces any initialisation: loading needs no tokenizer.
     init_only_fields: ClassVar[dict[str, Any]] = {"init_text": None, "tokenizer_name_or_path": None}
 
@@ -112,6 +125,11 @@ class _PrefixMethod(PromptLearningMethod):
                 raise ValueError(
                     f"{self.name} {field_name}={value!r} must be >= 1 (or None: read from the config)."
                 )
+        if self.num_transformer_submodules not in (None, 1, 2):
+            raise ValueError(
+                f"{self.name} num_transformer_submodules={self.num_transformer_submodules!r} (peft's field): leave "
+                "it None: 2 on encoder-decoders (peft's SEQ_2_SEQ_LM layout), 1 on other models."
+            )
 
     def encoder_hidden(self, token_dim: int) -> int | None:
         raise NotImplementedError
@@ -120,7 +138,66 @@ class _PrefixMethod(PromptLearningMethod):
         layers, kv_heads, head_dim = prefix_geometry(
             host, self.num_layers, self.num_key_value_heads, self.head_dim, self.name
         )
-        return VirtualTokenSpec("prefix", self.num_virtual_tokens, layers, kv_heads, head_dim)
+        spec = VirtualTokenSpec(self.kind, self.num_virtual_tokens, layers, kv_heads, head_dim)
+        if is_encoder_decoder(host):
+            return self._decoder_spec(host, spec)
+        if self.num_transformer_submodules == 2:
+            raise ValueError(
+                f"{self.name} num_transformer_submodules=2 is peft's encoder-decoder layout; "
+                f"{type(host).__name__} is not an encoder-decoder: leave it None."
+            )
+        return spec
+
+    def _decoder_spec(self, host: nn.Module, spec: VirtualTokenSpec) -> VirtualTokenSpec:
+        """The decoder's self-attention reads the prefix: its layers, heads and widths checked against the model."""
+        model = type(host).__name__
+        if self.num_transformer_submodules == 1:
+            raise ValueError(
+                f"{self.name} num_transformer_submodules=1 on the encoder-decoder {model}: peft then hands one plain "
+                "cache to the decoder's self- and cross-attention, so the cross-attention attends over the prefix "
+                "and the decoder's own keys too. Only peft's SEQ_2_SEQ_LM layout (2, the default) is supported: "
+                "leave it None."
+            )
+        if not self.encoder_decoders:
+            raise ValueError(
+                f"{self.name} on the encoder-decoder {model}: its per-layer prefix gates need one attention module "
+                "per layer, and an encoder-decoder has encoder, decoder and cross-attention modules for each "
+                "layer index. Use PrefixTuning or MAMAdapter (the prefix in the decoder), or LoRA."
+            )
+        if self.init_text:
+            raise ValueError(
+                f"{self.name} init_text on the encoder-decoder {model}: real-word initialisation is implemented for "
+                "decoder-only and encoder models. Leave init_text and tokenizer_name_or_path unset."
+            )
+        get_decoder = getattr(host, "get_decoder", None)
+        decoder = get_decoder() if callable(get_decoder) else None
+        found = (
+            hf.attention_modules(decoder, exclude=lambda m: isinstance(m, AdapterLayer)) if decoder else []
+        )
+        indices = sorted({hf.layer_index(m) for m in found})
+        if not indices or indices != list(range(len(indices))):
+            raise ValueError(
+                f"{self.name} on the encoder-decoder {model}: the prefix goes to the decoder's self-attention, but "
+                f"{'it has no get_decoder()' if decoder is None else f'its decoder has attention layers {indices}'}"
+                " (expected modules with layer_idx 0..L-1 that take the cache). Use PromptTuning/PTuning or LoRA."
+            )
+        for module in found:
+            heads = _first_int(module, ("num_key_value_heads", "num_heads", "n_heads"))
+            width = _first_int(module, ("head_dim", "key_value_proj_dim"))
+            if (heads or spec.num_kv_heads, width or spec.head_dim) != (spec.num_kv_heads, spec.head_dim):
+                raise ValueError(
+                    f"{self.name} on {model}: decoder layer {hf.layer_index(module)}'s {type(module).__name__} has "
+                    f"{heads} heads of {width} channels, but the prefix is laid out for {spec.num_kv_heads} heads of "
+                    f"{spec.head_dim} (the config's hidden size / attention heads, as peft reads them). Pass "
+                    f"{self.name}(num_key_value_heads={heads}, head_dim={width})."
+                )
+        if len(indices) > spec.num_layers:
+            raise ValueError(
+                f"{self.name} on {model}: its decoder has {len(indices)} layers but the prefix {spec.num_layers} "
+                f"key/value pairs (num_layers, the encoder's count as peft reads it). Pass num_layers={len(indices)}."
+            )
+        pairs = decoder_pairs(spec.num_layers, len(indices))
+        return replace(spec, layer_pairs=pairs, num_transformer_submodules=2)
 
     def build_encoder(
         self, host: nn.Module, embedding: nn.Module, spec: VirtualTokenSpec, dtype: torch.dtype
@@ -156,6 +233,12 @@ class _PrefixMethod(PromptLearningMethod):
         if cls is not target:
             return target.from_peft_config(config)
         return super().from_peft_config(config)
+
+
+def _first_int(module: nn.Module, names: tuple[str, ...]) -> int | None:
+    return next(
+        (v for n in names if isinstance(v := getattr(module, n, None), int) and not isinstance(v, bool)), None
+    )
 
 
 @torch.no_grad()

@@ -13,6 +13,8 @@ Contract for a custom ``nn.Module`` (transformers models satisfy it):
 * ``forward`` takes its inputs as keyword arguments ``input_ids`` or ``inputs_embeds`` ``(B, T, dim)`` (prompt
   methods call it with ``inputs_embeds``) and, when the caller gives them, ``attention_mask`` ``(B, T)`` with 1
   for real tokens, ``position_ids``, ``token_type_ids``, ``labels``;
+* encoder-decoders: ``get_encoder()`` whose ``forward`` takes ``inputs_embeds`` (prompts go before its input) and,
+  for prefixes, ``get_decoder()`` whose self-attention layers read the self-attention part of an encoder-decoder cache;
 * prefix methods: ``forward`` accepts the cache (a transformers ``Cache``, under the name the installed release uses:
   :mod:`lightning_peft.core.transformers_compat`), attention layer ``i`` calls
   ``cache.update(key, value, i)`` with ``(B, n_kv_heads, T, head_dim)`` tensors and attends over the
@@ -28,7 +30,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -44,7 +46,12 @@ from lightning_peft.methods.prompt.hooks import (
     install_hooks,
     is_encoder_decoder,
 )
-from lightning_peft.methods.prompt.virtual_tokens import VirtualTokens, VirtualTokenSpec, virtual_tokens_layer
+from lightning_peft.methods.prompt.virtual_tokens import (
+    Kind,
+    VirtualTokens,
+    VirtualTokenSpec,
+    virtual_tokens_layer,
+)
 
 
 def find_host(model: nn.Module, method: str) -> nn.Module:
@@ -136,7 +143,8 @@ class PromptLearningMethod(PEFTMethod):
         modules_to_save: Modules trained in full, e.g. ``["classifier"]`` for a new classification head.
     """
 
-    kind: ClassVar[Literal["prompt", "prefix"]] = "prompt"
+    #: The one definition of what the method's virtual tokens are; its adapters' specs record it.
+    kind: ClassVar[Kind] = "prompt"
     modifies_inputs: ClassVar[bool] = True
 
     @property
@@ -156,7 +164,7 @@ class PromptLearningMethod(PEFTMethod):
 
     # --- what subclasses define -----------------------------------------------------------------------------
     def make_spec(self, host: nn.Module, embedding: nn.Module) -> VirtualTokenSpec:
-        return VirtualTokenSpec("prompt", self.num_virtual_tokens)
+        return VirtualTokenSpec(self.kind, self.num_virtual_tokens)
 
     def build_encoder(
         self, host: nn.Module, embedding: nn.Module, spec: VirtualTokenSpec, dtype: torch.dtype
@@ -212,12 +220,11 @@ class PromptLearningMethod(PEFTMethod):
         install_hooks(host)
 
     def _check_encoder_decoder(self, host: nn.Module) -> None:
-        """Prompts go before the encoder's token input; prefixes and non-token encoders are refused."""
-        if self.kind == "prefix":
-            raise ValueError(
-                f"{self.name} on the encoder-decoder {type(host).__name__}: prefixes are not implemented for "
-                "encoder-decoders yet. Use PromptTuning or PTuning (prompts before the encoder's input), or LoRA/IA3."
-            )
+        """Prompts go before the encoder's token input, prefixes to the decoder; non-token encoders are refused.
+
+        peft's seq2seq soft prompts pass token ids to the encoder (input_ids or inputs_embeds), for prefixes too: a
+        speech encoder (Whisper's reads audio features) cannot take them, in peft or here.
+        """
         encoder = host.get_encoder() if callable(getattr(host, "get_encoder", None)) else None
         params = inspect.signature(encoder.forward).parameters if encoder is not None else {}
         if "inputs_embeds" not in params:
@@ -226,10 +233,14 @@ class PromptLearningMethod(PEFTMethod):
                 if encoder is None
                 else f"encoder {type(encoder).__name__} takes no inputs_embeds"
             )
+            where = (
+                "prompts go before the encoder's token input"
+                if self.kind == "prompt"
+                else "peft's encoder-decoder prefix format runs the encoder on token ids"
+            )
             raise ValueError(
-                f"{self.name} on the encoder-decoder {type(host).__name__}: prompts go before the encoder's token "
-                f"input, but its {what} (Whisper's encoder reads audio features, not tokens). Use "
-                "LoRA, IA3 or an Adapter for this model."
+                f"{self.name} on the encoder-decoder {type(host).__name__}: {where}, but its {what} (Whisper's "
+                "encoder reads audio features, not tokens). Use LoRA, IA3 or an Adapter for this model."
             )
 
     def _check_positions(self, host: nn.Module) -> None:
@@ -256,7 +267,7 @@ class PromptLearningMethod(PEFTMethod):
         return {
             "peft_type": self.peft_type,
             "num_virtual_tokens": self.num_virtual_tokens,
-            "num_transformer_submodules": 1,
+            "num_transformer_submodules": spec.num_transformer_submodules,
             "token_dim": token_dim,
             "num_attention_heads": heads,
             "num_layers": layers,

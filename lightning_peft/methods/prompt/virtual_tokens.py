@@ -8,7 +8,9 @@ an :class:`AdapterLayer`, it gives the soft prompts the same state-dict keys, fr
 per adapter in a :class:`VirtualTokenSpec`:
 
 * ``"prompt"``: ``(n, dim)`` vectors prepended to the input embeddings (Prompt Tuning, P-Tuning);
-* ``"prefix"``: ``(n, L * 2 * n_kv_heads * head_dim)``, each layer's keys and values (Prefix Tuning, P-Tuning v2).
+* ``"prefix"``: ``(n, L * 2 * n_kv_heads * head_dim)``, ``L`` key/value pairs (Prefix Tuning, P-Tuning v2): cache
+  layer ``i`` reads pair ``spec.cache_layers[i]`` - pair ``i`` on decoder-only and encoder models; on an
+  encoder-decoder, whose decoder self-attention reads the prefix, peft's layout (see :func:`decoder_pairs`).
 
 :mod:`lightning_peft.methods.prompt.hooks` applies them to each call of the model.
 """
@@ -23,21 +25,45 @@ from torch import nn
 
 from lightning_peft.core.adapter_layer import AdapterLayer
 
+#: What an adapter's virtual tokens are: input vectors, or per-layer keys and values. Each method declares its kind
+#: (``PromptLearningMethod.kind``) and its spec records it.
+Kind = Literal["prompt", "prefix"]
+
 
 @dataclass(frozen=True)
 class VirtualTokenSpec:
     """What an adapter's encoder output means: ``n`` prompt vectors, or ``n`` key/value pairs per layer."""
 
-    kind: Literal["prompt", "prefix"]
+    kind: Kind
     num_virtual_tokens: int
-    num_layers: int = 0
+    num_layers: int = 0  # key/value pairs in the flat prefix (peft's num_layers)
     num_kv_heads: int = 0
     head_dim: int = 0
+    #: The pair each cache layer reads; empty: layer ``i`` reads pair ``i`` for each of the ``num_layers``.
+    layer_pairs: tuple[int, ...] = ()
+    #: peft's ``num_transformer_submodules``: 2 for its encoder-decoder prefix layout, else 1.
+    num_transformer_submodules: int = 1
 
     @property
     def width(self) -> int:
         """Width of one row of a flat prefix: ``L * 2 * n_kv_heads * head_dim``."""
         return self.num_layers * 2 * self.num_kv_heads * self.head_dim
+
+    @property
+    def cache_layers(self) -> tuple[int, ...]:
+        """For each cache layer the attention reads, the pair of the flat prefix it gets."""
+        return self.layer_pairs or tuple(range(self.num_layers))
+
+
+def decoder_pairs(num_layers: int, decoder_layers: int) -> tuple[int, ...]:
+    """The prefix pair each decoder layer of an encoder-decoder reads, as peft lays it out.
+
+    peft (``num_transformer_submodules=2``, its ``SEQ_2_SEQ_LM`` default) repeats the ``L`` pairs of the flat
+    prefix, splits the ``2L`` into one (self key, self value, cross key, cross value) group per layer and then drops
+    the cross-attention part: decoder layer ``i`` reads pair ``2i mod L`` and pairs ``2i + 1 mod L`` go unread (with
+    ``L >= 2``, half the pairs, and layers ``i`` and ``i + L/2`` share one).
+    """
+    return tuple(2 * i % num_layers for i in range(decoder_layers))
 
 
 class PromptEmbedding(nn.Module):
@@ -131,8 +157,10 @@ class VirtualTokens(AdapterLayer):
     def prefix(
         self, adapter_name: str, batch_size: int, dtype: torch.dtype
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        flat = self.virtual_tokens(adapter_name).to(dtype)
-        return prefix_key_values(flat, self.specs[adapter_name], batch_size)
+        """Each cache layer's ``(key, value)``, ``(B, n_kv_heads, n, head_dim)``."""
+        spec = self.specs[adapter_name]
+        pairs = prefix_key_values(self.virtual_tokens(adapter_name).to(dtype), spec, batch_size)
+        return [pairs[p] for p in spec.cache_layers]
 
     def freeze_encoder(self, adapter_name: str) -> None:
         """Replace the encoder by its output, a plain (frozen) embedding table: all that inference needs."""
