@@ -95,3 +95,71 @@ class FusedLoraLinear(torch.autograd.Function):
         if needs_B:
             grad_B = (after_A_t @ g).mul_(s).t()  # (r, tokens) @ (tokens, out) -> (out, r)
         return grad_x, grad_dropped, grad_w, grad_b, grad_A, grad_B, None, None
+
+
+class LoraLinearFromA(torch.autograd.Function):
+    """``linear(x, W, b) + s * after_A @ B^T`` where ``after_A`` (kept as ``(r, tokens)``, ``A x^T``) was computed
+    by the caller: shared-input LoRA (:mod:`lightning_peft.methods.lora.shared_input`) computes the A products of
+    every layer reading ``x`` as one matmul and hands each layer its rows. Autograd takes the gradient reaching
+    ``after_A`` back through that shared matmul to ``x`` and each ``A``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        after_A_t: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_B: torch.Tensor,
+        scaling: float,
+        fan_in_fan_out: bool,
+    ) -> torch.Tensor:
+        x2, _, w_t = flat_inputs(ctx, x, None, weight, bias, scaling, fan_in_fan_out)
+        result = x2 @ w_t if bias is None else torch.addmm(bias, x2, w_t)  # (tokens, out)
+        result.addmm_(after_A_t.t(), lora_B.t(), alpha=scaling)  # += s * (tokens, r) @ (r, out), in place
+        ctx.save_for_backward(x2, weight, lora_B, after_A_t)
+        return result.view(*x.shape[:-1], result.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x2, weight, lora_B, after_A_t = ctx.saved_tensors
+        needs_x, needs_after_A, needs_w, needs_b, needs_B = ctx.needs_input_grad[:5]
+        s = ctx.scaling
+        g = grad.reshape(-1, grad.shape[-1])  # (tokens, out)
+        w_t = weight if ctx.fan_in_fan_out else weight.t()
+        grad_x = grad_after_A_t = grad_w = grad_b = grad_B = None
+        if needs_x:
+            grad_x = (g @ w_t.t()).view(ctx.x_shape)  # (tokens, in): the base term's share only
+        if needs_after_A:
+            grad_after_A_t = (lora_B.t() @ g.t()).mul_(s)  # (r, out) @ (out, tokens)
+        if needs_w:
+            grad_w = x2.t() @ g if ctx.fan_in_fan_out else g.t() @ x2
+        if needs_b and ctx.has_bias:
+            grad_b = g.sum(0)
+        if needs_B:
+            grad_B = (after_A_t @ g).mul_(s).t()  # (r, tokens) @ (tokens, out) -> (out, r)
+        return grad_x, grad_after_A_t, grad_w, grad_b, grad_B, None, None
+
+
+class SharedAProduct(torch.autograd.Function):
+    """``cat(A_1, ..., A_n) @ x^T``, ``(sum r_i, tokens)``: the A products of several LoRA layers reading ``x``
+    as one matmul, each layer's rows then split off for :class:`LoraLinearFromA`. Backward is one matmul for
+    ``x``'s gradient (in ``x``'s own ``(tokens, in)`` layout) and one for all the A gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, *lora_As: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x2 = x.reshape(-1, x.shape[-1])
+        stacked = torch.cat(lora_As)  # (sum r, in)
+        ctx.x_shape, ctx.ranks = x.shape, [a.shape[0] for a in lora_As]
+        ctx.save_for_backward(x2, stacked)
+        return stacked @ x2.t()  # (sum r, in) @ (in, tokens)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x2, stacked = ctx.saved_tensors
+        grad_x = (grad.t() @ stacked).view(ctx.x_shape) if ctx.needs_input_grad[0] else None  # (tokens, in)
+        grads_A: list[torch.Tensor | None] = [None] * len(ctx.ranks)
+        if any(ctx.needs_input_grad[1:]):
+            grads_A = list((grad @ x2).split(ctx.ranks))  # (sum r, tokens) @ (tokens, in), one row block each
+        return grad_x, *grads_A

@@ -212,6 +212,9 @@ class LoraLinear(LoraLayer):
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         out_features, in_features = oriented(base_layer.weight, self.fan_in_fan_out).shape
         self.in_features, self.out_features = in_features, out_features
+        #: Set by :func:`~lightning_peft.methods.lora.shared_input.share_lora_inputs`: A products shared with the
+        #: layers reading the same input.
+        self.shared_inputs: Any = None
 
     def adapted_forward(
         self, adapter_names: list[str], x: torch.Tensor, *args: Any, **kwargs: Any
@@ -222,6 +225,8 @@ class LoraLinear(LoraLayer):
         variant = self.lora_variant.get(name)
         if variant is not None:
             return variant.fused_forward(self, name, x)
+        if self.shared_inputs is not None and (shared := self.shared_inputs.forward(self, name, x)) is not None:
+            return shared
         base, A, B = self.base_layer, self.lora_A[name], self.lora_B[name]
         dropped = self.dropped_input(name, x, x.dtype)
         return FusedLoraLinear.apply(
