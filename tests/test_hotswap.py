@@ -22,7 +22,7 @@ from lightning_peft import (
     save_adapter,
 )
 from lightning_peft.methods import IA3, LoRA
-from tests.tiny_models import tiny_llama, token_batch
+from tests.tiny_models import MLPConv, tiny_llama, token_batch
 
 IDS = token_batch(2, 8)
 
@@ -75,7 +75,7 @@ def test_a_compiled_model_runs_swapped_adapters_without_recompiling(adapters) ->
         out = logits(compiled)
         assert (backend.frame_count, counters["frames"]["ok"]) == (frames, ok), f"recompiled for {name}"
         diff = (out - logits(loaded(adapters[name]))).abs().max().item()
-        assert diff <= 1e-6, (name, diff)  # measured 0 to 5e-7 (the fresh model runs the fused kernel)
+        assert diff <= 1e-6, (name, diff)  # measured up to 2.4e-7 (the fresh model runs the fused kernel)
     assert (out - first).abs().max() <= 1e-6  # back to the first adapter
 
 
@@ -111,7 +111,7 @@ def test_a_peft_adapter_swaps_in_and_peft_swaps_ours_in(adapters, tmp_path) -> N
     ours_before = logits(ours)
     hotswap_adapter(ours, tmp_path / "theirs")
     diff = (logits(ours) - logits(theirs)).abs().max().item()
-    assert diff <= 1e-5, diff  # measured about 5e-7
+    assert diff <= 1e-5, diff  # measured 2.4e-7
     peft_hotswap_adapter(theirs, str(adapters["r4"]), adapter_name="default", torch_device="cpu")
     diff = (logits(theirs) - ours_before).abs().max().item()
     assert diff <= 1e-5, diff
@@ -170,3 +170,43 @@ def test_refused_preparations_change_nothing(adapters) -> None:
     merge(model)
     with pytest.raises(ValueError, match="is merged into"):
         hotswap_adapter(model, adapters["r4"])
+
+
+def test_convolution_and_embedding_adapters_pad_and_swap(tmp_path) -> None:
+    """Conv1d/Conv2d (A's out channels, B's in channels), Embedding (A's rows, B's columns) and Linear adapters:
+    padding keeps the outputs, and a swap equals a fresh load of the new adapter; compiled, without a recompile."""
+    targets = ["conv2d", "conv1d", "pointwise", "embed", "fc1"]
+    inputs = MLPConv.example_inputs()
+
+    def trained(name: str, seed: int, r: int) -> Path:
+        model = MLPConv()
+        torch.manual_seed(seed)
+        inject(model, LoRA(r=r, alpha=2 * r + 1, target_modules=targets, init_lora_weights=False))
+        with torch.no_grad():  # Embedding's B starts random but A at zero: make both non-zero
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.1 * torch.randn_like(p))
+        return save_adapter(model, tmp_path / name)
+
+    small, large = trained("r2", 1, 2), trained("r6", 2, 6)
+
+    def outputs(model):
+        with torch.no_grad():
+            return model(*inputs)
+
+    model = load_adapter(MLPConv(), small)
+    before = outputs(model)
+    prepare_model_for_compiled_hotswap(model, target_rank=6)
+    assert (
+        model.embed.lora_embedding_A["default"].shape == (6, 10)
+        and model.conv2d.lora_B["default"].in_channels == 6
+    )
+    assert (outputs(model) - before).abs().max() <= 1e-6
+    backend = CompileCounterWithBackend("eager")
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    outputs(compiled)
+    for directory in (large, small):
+        hotswap_adapter(compiled, directory)
+        diff = (outputs(compiled) - outputs(load_adapter(MLPConv(), directory))).abs().max().item()
+        assert diff <= 1e-6, (directory.name, diff)
+    assert backend.frame_count == 1
