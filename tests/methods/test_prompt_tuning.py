@@ -435,3 +435,19 @@ def test_a_pre_hook_that_replaces_the_keyword_arguments_is_refused():
     model.register_forward_pre_hook(lambda m, args, kwargs: (args, dict(kwargs)), with_kwargs=True)
     with pytest.raises(RuntimeError, match=r"replaced the call.s keyword arguments.*prepend=True"):
         model(input_ids=sequences((5,))[0][None])
+
+
+def test_gradient_checkpointing_recomputation_gives_the_same_loss_and_gradients():
+    """Recomputation re-runs the decoder layers, not the hooked host: the prompts are added once per call."""
+    results = []
+    for checkpointed in (False, True):
+        model = build("llama", method()).train()
+        if checkpointed:
+            assert hf.set_activation_checkpointing(model, True, use_reentrant=False)
+        loss = model(**next_token_task(model)).loss
+        loss.backward()
+        (param,) = [p for p in model.parameters() if p.requires_grad]
+        results.append((loss.detach(), param.grad.clone()))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(results[1][1], results[0][1], atol=1e-6, rtol=0)
+    assert results[0][1].abs().sum() > 0

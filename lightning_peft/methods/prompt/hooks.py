@@ -136,9 +136,8 @@ def install_hooks(host: nn.Module) -> None:
     if hooks_of(host) is not None:
         return
     hooks = PromptHooks()
-    before = _before_encoder_decoder if is_encoder_decoder(host) else _before_forward
     handles = [
-        host.register_forward_pre_hook(before, with_kwargs=True),
+        host.register_forward_pre_hook(_before_call, with_kwargs=True),
         host.register_forward_hook(_after_forward, with_kwargs=True),
     ]
     if is_encoder_decoder(host):
@@ -178,19 +177,8 @@ def _keyword_arguments(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tu
     return args[named:], kwargs
 
 
-def _before_forward(host: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    active = _active_prompt(host)
-    if active is None:
-        return None if hooks_of(host) is None else (args, _CallKwargs(kwargs, None))
-    layer, adapter_name = active
-    if layer.spec(adapter_name).kind == "prefix" and host.training and checkpointing(host):
-        raise RuntimeError(CHECKPOINTING_ERROR.format(method="The prefix adapter"))
-    args, kwargs = _keyword_arguments(host, args, dict(kwargs))
-    return args, _CallKwargs(kwargs, rewrite_inputs(layer, adapter_name, kwargs, host))
-
-
-def _before_encoder_decoder(host: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    """Prompts: widen the cross-attention's padding mask by ``n``. Prefixes: write the decoder's cache."""
+def _before_call(host: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Rewrite one call of ``host`` for its active adapter; the record of what was done travels with the kwargs."""
     active = _active_prompt(host)
     if active is None:
         return None if hooks_of(host) is None else (args, _CallKwargs(kwargs, None))
@@ -199,19 +187,26 @@ def _before_encoder_decoder(host: nn.Module, args: tuple, kwargs: dict) -> tuple
     if spec.kind == "prefix" and host.training and checkpointing(host):
         raise RuntimeError(CHECKPOINTING_ERROR.format(method="The prefix adapter"))
     args, kwargs = _keyword_arguments(host, args, dict(kwargs))
-    if spec.kind == "prefix":
-        return args, _CallKwargs(kwargs, _rewrite_decoder_prefix(layer, adapter_name, kwargs, host))
-    mask, n = kwargs.get("attention_mask"), spec.num_virtual_tokens
-    if mask is not None:
-        encoded = kwargs.get("encoder_outputs")
-        states = None
-        if (
-            encoded is not None
-        ):  # generate(): the encoder already ran (with the prompts), on the caller's mask
-            states = encoded[0] if isinstance(encoded, (tuple, list)) else encoded.last_hidden_state
-        if states is None or mask.shape[1] == states.shape[1] - n:
-            kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)  # (B, n + T)
-    return args, _CallKwargs(kwargs, None)
+    if not is_encoder_decoder(host):
+        call = rewrite_inputs(layer, adapter_name, kwargs, host)
+    elif spec.kind == "prefix":
+        call = _rewrite_decoder_prefix(layer, adapter_name, kwargs, host)
+    else:  # the encoder's pre-hook prepends the prompts; the cross-attention's mask gets the n positions here
+        call = _widen_cross_attention_mask(kwargs, spec.num_virtual_tokens)
+    return args, _CallKwargs(kwargs, call)
+
+
+def _widen_cross_attention_mask(kwargs: dict, n: int) -> None:
+    """Widen the padding mask the decoder's cross-attention reads by the ``n`` prompt positions of the encoder."""
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        return
+    encoded = kwargs.get("encoder_outputs")
+    if encoded is not None:  # generate(): the encoder already ran (with the prompts), on the caller's mask
+        states = encoded[0] if isinstance(encoded, (tuple, list)) else encoded.last_hidden_state
+        if mask.shape[1] != states.shape[1] - n:
+            return
+    kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)  # (B, n + T)
 
 
 def _encoder_hook(host: nn.Module) -> Any:
