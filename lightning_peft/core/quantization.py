@@ -44,7 +44,8 @@ def is_quantized_linear(module: nn.Module) -> bool:
     return bnb is not None and isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 
-def _is_quantized_param(param: torch.Tensor) -> bool:
+def is_quantized_param(param: torch.Tensor) -> bool:
+    """Whether ``param`` is a bitsandbytes 4-bit or 8-bit weight (``Params4bit``/``Int8Params``)."""
     bnb = sys.modules.get("bitsandbytes")
     return bnb is not None and isinstance(param, (bnb.nn.Params4bit, bnb.nn.Int8Params))
 
@@ -58,17 +59,23 @@ def quantize_linear(
     quant_type: Literal["nf4", "fp4"] = "nf4",
     double_quant: bool = True,
     compute_dtype: torch.dtype = torch.float32,
+    quant_storage: torch.dtype = torch.uint8,
 ) -> nn.Module:
-    """A bitsandbytes ``Linear4bit`` holding ``linear``'s weight in 4 bits (blocks of 64), on the weight's device."""
+    """A bitsandbytes ``Linear4bit`` holding ``linear``'s weight in 4 bits (blocks of 64), on the weight's device.
+
+    ``quant_storage`` is the dtype of the tensor the packed codes live in (two codes per byte either way, so the
+    same bytes): ``torch.uint8``, or a float dtype, which lets FSDP flatten the codes with float weights.
+    """
     bnb = _bnb()
     layer = bnb.nn.Linear4bit(
         linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=compute_dtype,
-        compress_statistics=double_quant, quant_type=quant_type, device="meta",
+        compress_statistics=double_quant, quant_type=quant_type, quant_storage=quant_storage, device="meta",
     )  # fmt: skip
     weight = linear.weight.detach()
     params = bnb.nn.Params4bit(
-        weight, requires_grad=False, compress_statistics=double_quant, quant_type=quant_type, module=layer
-    )
+        weight, requires_grad=False, compress_statistics=double_quant, quant_type=quant_type,
+        quant_storage=quant_storage, module=layer,
+    )  # fmt: skip
     layer.weight = params._quantize(weight.device)  # the one bitsandbytes entry point that also works on CPU
     if linear.bias is not None:
         layer.bias = linear.bias
@@ -131,6 +138,7 @@ def quantize(
     quant_type: Literal["nf4", "fp4"] = "nf4",
     double_quant: bool = True,
     compute_dtype: torch.dtype = torch.float32,
+    quant_storage: torch.dtype = torch.uint8,
     skip: list[str] | tuple[str, ...] = (),
 ) -> list[str]:
     """Replace ``nn.Linear`` layers of ``model`` by bitsandbytes 4-bit layers, in place.
@@ -141,6 +149,7 @@ def quantize(
         quant_type: ``"nf4"`` or ``"fp4"``.
         double_quant: Quantize the per-block scales too.
         compute_dtype: dtype of the matmuls.
+        quant_storage: dtype of the tensors holding the packed codes (see :func:`quantize_linear`).
         skip: Module names (and their children) to leave alone, e.g. ``modules_to_save``.
 
     Returns:
@@ -182,7 +191,9 @@ def quantize(
         if not is_quantized_linear(module) and module.weight.numel() > _BLOCK
     ]
     for name, module in targets:
-        replace_module(model, name, quantize_linear(module, quant_type, double_quant, compute_dtype))
+        replace_module(
+            model, name, quantize_linear(module, quant_type, double_quant, compute_dtype, quant_storage)
+        )
     return [name for name, _ in targets]
 
 
@@ -236,7 +247,7 @@ def prepare_model_for_kbit_training(model: nn.Module) -> nn.Module:
         if is_quantized_linear(module):
             keep_portable_layout(module)
     for param in model.parameters():
-        if param.dtype in (torch.float16, torch.bfloat16) and not _is_quantized_param(param):
+        if param.dtype in (torch.float16, torch.bfloat16) and not is_quantized_param(param):
             param.data = param.data.float()
     # The outermost transformers model (model may be a LightningModule holding it); transformers keeps the hook in
     # `_require_grads_hook`, so preparing twice registers it once.

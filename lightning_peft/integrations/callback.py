@@ -49,6 +49,7 @@ from lightning_peft.core.injection import (
 from lightning_peft.formats.atomic_io import AtomicCheckpointIO
 from lightning_peft.formats.peft_directory import refuse_non_finite
 from lightning_peft.integrations import deepspeed as deepspeed_support
+from lightning_peft.integrations.distributed import refuse_mixed_storage, refuse_unshardable_quantization
 from lightning_peft.integrations.gradient_flow import InputGradientProbe
 
 CHECKPOINT_KEY = "lightning_peft"
@@ -176,6 +177,7 @@ class PEFTCallback(Callback):
     # --- setup: wrap the module's hooks ----------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _refuse_multiprocessing_launcher(trainer)
+        refuse_unshardable_quantization(trainer.strategy, self.method)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             # Lightning's own write is copied from TMPDIR when the checkpoint directory is on another filesystem:
             # a kill then leaves a partial file under the final name.
@@ -237,6 +239,8 @@ class PEFTCallback(Callback):
                 )
             return  # hooks re-run for every stage: inject once
         trainer = getattr(pl_module, "_trainer", None)
+        if trainer is not None:
+            refuse_mixed_storage(trainer.strategy, model)
         with deepspeed_support.plain_parameters(trainer):
             inject(model, self.method, self.adapter_name)
         fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING

@@ -34,6 +34,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from lightning_peft.core.injection import clean_key
+from lightning_peft.core.quantization import is_quantized_param as _is_quantized_param
 
 # Parameter containers are read by their parent (no forward of their own): FSDP could never unshard them.
 _NOT_CALLED = (nn.ParameterDict, nn.ParameterList)
@@ -136,6 +137,58 @@ def _require_trainable_tensors(model: nn.Module, reader: Any, prefix: str, path:
         raise KeyError(
             f"The sharded checkpoint {path} lacks {len(missing)} trainable tensors, e.g. {missing[:5]}. It was written "
             "for another adapter configuration; resume with the PEFTCallback it was trained with."
+        )
+
+
+# --- 4-bit bases (QLoRA) ------------------------------------------------------------------------------------------
+def refuse_unshardable_quantization(strategy: Any, method: Any) -> None:
+    """At setup: refuse a QLoRA method whose 4-bit codes FSDP could not shard, before anything is built.
+
+    FSDP (v1) flattens a unit's parameters into one tensor of one dtype: codes stored as uint8 (bitsandbytes'
+    default) beside float weights fail deep inside FSDP ("Must flatten tensors with uniform dtype"). Stored in the
+    float dtype of the other weights (``quant_storage="float32"``), they shard like them. FSDP2 (DTensor) is
+    refused for 4-bit bases: its per-parameter sharding of bitsandbytes' packed Params4bit is not verified.
+    """
+    storage = getattr(method, "quant_storage", None)
+    if storage is None:
+        return
+    if isinstance(strategy, ModelParallelStrategy):
+        raise ValueError(
+            f"{type(method).__name__} under {type(strategy).__name__} (FSDP2): sharding bitsandbytes' 4-bit weights "
+            "as DTensors is not supported here. Use PEFTFSDPStrategy with quant_storage='float32', or DDP."
+        )
+    if isinstance(strategy, FSDPStrategy) and storage == "uint8":
+        raise ValueError(
+            f"{type(method).__name__}(quant_storage='uint8') under {type(strategy).__name__}: FSDP flattens each unit "
+            "into one tensor of a single dtype, and uint8 4-bit codes cannot share one with float weights. Pass "
+            "quant_storage='float32' (the dtype of the other weights; 'bfloat16'/'float16' for a half-precision "
+            "model with prepare_for_kbit_training=False): same bytes and outputs, and the codes are sharded."
+        )
+
+
+def refuse_mixed_storage(strategy: Any, model: nn.Module) -> None:
+    """Before injection: refuse a model already holding bitsandbytes weights whose dtype FSDP cannot flatten
+    with the model's float weights (e.g. loaded with transformers' ``BitsAndBytesConfig``, uint8 storage)."""
+    if not isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+        return
+    quantized = {n: p.dtype for n, p in model.named_parameters() if _is_quantized_param(p)}
+    if not quantized:
+        return
+    if isinstance(strategy, ModelParallelStrategy):
+        raise ValueError(
+            f"{type(strategy).__name__} (FSDP2): this model holds bitsandbytes quantized weights (e.g. "
+            f"{next(iter(quantized))}), whose sharding as DTensors is not supported here. Use PEFTFSDPStrategy "
+            "with a float quant storage, or DDP."
+        )
+    floats = {p.dtype for p in model.parameters() if p.is_floating_point() and not _is_quantized_param(p)}
+    wrong = {n: d for n, d in quantized.items() if d not in floats}
+    if floats and wrong:
+        name, dtype = next(iter(wrong.items()))
+        raise ValueError(
+            f"{type(strategy).__name__}: {len(wrong)} quantized weights (e.g. {name}) are stored as {dtype}, the "
+            f"model's float weights as {sorted(map(str, floats))}; FSDP needs one dtype per unit. Load the model "
+            "with BitsAndBytesConfig(bnb_4bit_quant_storage=<that float dtype>), or let QLoRA(quant_storage=...) "
+            "quantize it."
         )
 
 

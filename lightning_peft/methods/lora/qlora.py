@@ -49,6 +49,7 @@ from lightning_peft.methods.lora.loftq import apply_loftq
 from lightning_peft.methods.lora.lora import LoRA
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STORAGE_DTYPES = {"uint8": torch.uint8, **COMPUTE_DTYPES}
 
 
 class LoraBnbLinear(LoraLinear):
@@ -141,6 +142,10 @@ class QLoRA(LoRA):
         gradient_checkpointing: ``True``/``False`` switches activation checkpointing of a transformers model on or
             off; ``None`` leaves it as it is.
         use_reentrant: The checkpointing variant used when ``gradient_checkpointing=True``.
+        quant_storage: dtype of the tensors the packed 4-bit codes are stored in (same bytes, two codes per byte):
+            ``"uint8"`` (bitsandbytes' default) or the float dtype of the model's other weights (``"float32"``,
+            ``"bfloat16"``, ``"float16"``; ``torch.float32`` etc. are taken too), which FSDP needs: it flattens a
+            unit's parameters into one tensor of a single dtype. Outputs are the same either way.
         loftq_iter: With ``init_lora_weights="loftq"``: LoftQ's alternating iterations (see :mod:`.loftq`; the
             model must then still be in full precision, so LoftQ can read the weights it quantizes).
     """
@@ -153,13 +158,15 @@ class QLoRA(LoRA):
     prepare_for_kbit_training: bool = True
     gradient_checkpointing: bool | None = None
     use_reentrant: bool = True
+    quant_storage: Literal["uint8", "float32", "bfloat16", "float16"] = "uint8"
     loftq_iter: int = 1
 
     def __post_init__(self) -> None:
-        if isinstance(
-            self.compute_dtype, torch.dtype
-        ):  # the spelling transformers and bitsandbytes users write
+        # torch.bfloat16 etc.: the spelling transformers and bitsandbytes users write
+        if isinstance(self.compute_dtype, torch.dtype):
             self.compute_dtype = str(self.compute_dtype).removeprefix("torch.")  # type: ignore[assignment]
+        if isinstance(self.quant_storage, torch.dtype):
+            self.quant_storage = str(self.quant_storage).removeprefix("torch.")  # type: ignore[assignment]
         super().__post_init__()
 
     def validate(self) -> None:
@@ -169,6 +176,11 @@ class QLoRA(LoRA):
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(
                 f"QLoRA compute_dtype={self.compute_dtype!r} must be one of {list(COMPUTE_DTYPES)}."
+            )
+        if self.quant_storage not in STORAGE_DTYPES:
+            raise ValueError(
+                f"QLoRA quant_storage={self.quant_storage!r} must be one of {list(STORAGE_DTYPES)} (the dtype the "
+                "packed 4-bit codes are stored in)."
             )
         init = self.init_lora_weights
         if rewrites_base_weight(init):
@@ -198,9 +210,11 @@ class QLoRA(LoRA):
         originals = {n: m.weight.detach() for n, m in targets if loftq and isinstance(m, nn.Linear)}
         quantized: list[str] = []
         if not already_quantized:
+            self._check_storage(model)
             quantized = quantize(
                 model, self.quantize_modules, quant_type=self.quant_type, double_quant=self.double_quant,
-                compute_dtype=COMPUTE_DTYPES[self.compute_dtype], skip=self.modules_to_save or (),
+                compute_dtype=COMPUTE_DTYPES[self.compute_dtype], quant_storage=STORAGE_DTYPES[self.quant_storage],
+                skip=self.modules_to_save or (),
             )  # fmt: skip
         if self.prepare_for_kbit_training:
             prepare_model_for_kbit_training(model)
@@ -210,9 +224,32 @@ class QLoRA(LoRA):
         if loftq:
             settings = {
                 "quant_type": self.quant_type, "double_quant": self.double_quant,
-                "compute_dtype": COMPUTE_DTYPES[self.compute_dtype],
+                "compute_dtype": COMPUTE_DTYPES[self.compute_dtype], "quant_storage": STORAGE_DTYPES[self.quant_storage],
             }  # fmt: skip
             apply_loftq(model, adapter_name, originals, quantized, self.loftq_iter, settings)
+
+    def frozen_float_dtypes(self, model: nn.Module) -> set[torch.dtype]:
+        """The dtypes ``model``'s float weights will have once prepared (``prepare_for_kbit_training`` upcasts
+        fp16/bf16 to float32): what FSDP flattens the 4-bit codes with, so what a float ``quant_storage`` must be.
+        (The adapters, float32 on a 4-bit base, get units of their own under PEFTFSDPStrategy.)"""
+        upcast = (torch.float16, torch.bfloat16) if self.prepare_for_kbit_training else ()
+        return {
+            torch.float32 if p.dtype in upcast else p.dtype
+            for p in model.parameters()
+            if p.is_floating_point()
+        }
+
+    def _check_storage(self, model: nn.Module) -> None:
+        storage = STORAGE_DTYPES[self.quant_storage]
+        dtypes = self.frozen_float_dtypes(model)
+        if storage != torch.uint8 and dtypes and storage not in dtypes:
+            names = sorted(str(d).removeprefix("torch.") for d in dtypes)
+            raise ValueError(
+                f"QLoRA quant_storage={self.quant_storage!r}: the model's float weights will be {names}, so FSDP "
+                f"could not flatten the 4-bit codes with them (it needs one dtype per unit). Use quant_storage="
+                f"{names[0]!r} (prepare_for_kbit_training=True upcasts fp16/bf16 weights to float32), or 'uint8' "
+                "without FSDP. Nothing was quantized."
+            )
 
     def to_peft_config(self, model: nn.Module, adapter_name: str) -> dict:
         config = super().to_peft_config(model, adapter_name)
