@@ -11,6 +11,10 @@ Two things Lightning's :class:`~lightning.pytorch.strategies.FSDPStrategy` does 
   :class:`PEFTFSDPStrategy` loads sharded checkpoints with ``DefaultLoadPlanner(allow_partial_load=True)``:
   tensors the checkpoint holds are restored, base weights keep the values the model was built with.
 
+QLoRA: FSDP flattens a unit into one tensor of one dtype, so 4-bit codes must be stored in the float dtype of the
+other weights (``QLoRA(quant_storage="float32")``); :func:`refuse_unshardable_quantization` and
+:func:`refuse_mixed_storage` (run by PEFTCallback) refuse the other cases before anything is built.
+
 Both belong to the strategy rather than to :class:`~lightning_peft.PEFTCallback`: the wrap policy and the
 checkpoint reader are strategy arguments/behaviour, and a callback cannot change how a strategy reads files.
 
@@ -188,7 +192,7 @@ def refuse_mixed_storage(strategy: Any, model: nn.Module) -> None:
             f"{type(strategy).__name__}: {len(wrong)} quantized weights (e.g. {name}) are stored as {dtype}, the "
             f"model's float weights as {sorted(map(str, floats))}; FSDP needs one dtype per unit. Load the model "
             "with BitsAndBytesConfig(bnb_4bit_quant_storage=<that float dtype>), or let QLoRA(quant_storage=...) "
-            "quantize it."
+            "quantize it; 8-bit (LLM.int8) weights are int8 only: use DDP."
         )
 
 
