@@ -13,7 +13,8 @@ Two things Lightning's :class:`~lightning.pytorch.strategies.FSDPStrategy` does 
 
 QLoRA: FSDP flattens a unit into one tensor of one dtype, so 4-bit codes must be stored in the float dtype of the
 other weights (``QLoRA(quant_storage="float32")``); :func:`refuse_unshardable_quantization` and
-:func:`refuse_mixed_storage` (run by PEFTCallback) refuse the other cases before anything is built.
+:func:`refuse_mixed_storage` (run by PEFTCallback) refuse the other cases before anything is built. FSDP2 shards
+each parameter on its own: there any storage works.
 
 Both belong to the strategy rather than to :class:`~lightning_peft.PEFTCallback`: the wrap policy and the
 checkpoint reader are strategy arguments/behaviour, and a callback cannot change how a strategy reads files.
@@ -150,17 +151,12 @@ def refuse_unshardable_quantization(strategy: Any, method: Any) -> None:
 
     FSDP (v1) flattens a unit's parameters into one tensor of one dtype: codes stored as uint8 (bitsandbytes'
     default) beside float weights fail deep inside FSDP ("Must flatten tensors with uniform dtype"). Stored in the
-    float dtype of the other weights (``quant_storage="float32"``), they shard like them. FSDP2 (DTensor) is
-    refused for 4-bit bases: its per-parameter sharding of bitsandbytes' packed Params4bit is not verified.
+    float dtype of the other weights (``quant_storage="float32"``), they shard like them. FSDP2
+    (``fully_shard``, ModelParallelStrategy) shards each parameter on its own, so any storage works there.
     """
     storage = getattr(method, "quant_storage", None)
     if storage is None:
         return
-    if isinstance(strategy, ModelParallelStrategy):
-        raise ValueError(
-            f"{type(method).__name__} under {type(strategy).__name__} (FSDP2): sharding bitsandbytes' 4-bit weights "
-            "as DTensors is not supported here. Use PEFTFSDPStrategy with quant_storage='float32', or DDP."
-        )
     if isinstance(strategy, FSDPStrategy) and storage == "uint8":
         raise ValueError(
             f"{type(method).__name__}(quant_storage='uint8') under {type(strategy).__name__}: FSDP flattens each unit "
@@ -173,17 +169,11 @@ def refuse_unshardable_quantization(strategy: Any, method: Any) -> None:
 def refuse_mixed_storage(strategy: Any, model: nn.Module) -> None:
     """Before injection: refuse a model already holding bitsandbytes weights whose dtype FSDP cannot flatten
     with the model's float weights (e.g. loaded with transformers' ``BitsAndBytesConfig``, uint8 storage)."""
-    if not isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+    if not isinstance(strategy, FSDPStrategy):  # FSDP2 shards parameter by parameter: any dtype mix works
         return
     quantized = {n: p.dtype for n, p in model.named_parameters() if _is_quantized_param(p)}
     if not quantized:
         return
-    if isinstance(strategy, ModelParallelStrategy):
-        raise ValueError(
-            f"{type(strategy).__name__} (FSDP2): this model holds bitsandbytes quantized weights (e.g. "
-            f"{next(iter(quantized))}), whose sharding as DTensors is not supported here. Use PEFTFSDPStrategy "
-            "with a float quant storage, or DDP."
-        )
     floats = {p.dtype for p in model.parameters() if p.is_floating_point() and not _is_quantized_param(p)}
     wrong = {n: d for n, d in quantized.items() if d not in floats}
     if floats and wrong:
@@ -192,7 +182,7 @@ def refuse_mixed_storage(strategy: Any, model: nn.Module) -> None:
             f"{type(strategy).__name__}: {len(wrong)} quantized weights (e.g. {name}) are stored as {dtype}, the "
             f"model's float weights as {sorted(map(str, floats))}; FSDP needs one dtype per unit. Load the model "
             "with BitsAndBytesConfig(bnb_4bit_quant_storage=<that float dtype>), or let QLoRA(quant_storage=...) "
-            "quantize it; 8-bit (LLM.int8) weights are int8 only: use DDP."
+            "quantize it; 8-bit (LLM.int8) weights are int8 only: use DDP or PEFTModelParallelStrategy (FSDP2)."
         )
 
 

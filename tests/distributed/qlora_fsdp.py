@@ -1,7 +1,7 @@
 """Run by tests/test_qlora_fsdp.py: QLoRA (float32 quant_storage) on a tiny Llama, 2 CPU processes (gloo).
 
 Fits: ``ddp`` (4 steps), ``fsdp`` (2 epochs of 2 steps), ``first`` (1 epoch, sharded checkpoint) and ``resumed``
-(epoch 2 from it), FSDP with decoder layers as units. Each rank writes ``<out>/rank<r>_<fit>.pt``: losses, the
+(epoch 2 from it), FSDP with decoder layers as units; ``fsdp2`` (FSDP2, default uint8 storage, 2 epochs). Each rank writes ``<out>/rank<r>_<fit>.pt``: losses, the
 gathered adapter tensors and, under FSDP, the packed 4-bit elements its shards hold against the whole model's.
 Usage: python tests/distributed/qlora_fsdp.py OUT_DIR
 """
@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning_peft import PEFTCallback
 from lightning_peft.core.quantization import is_quantized_linear, weight_storage_bytes
+from lightning_peft.integrations.distributed import PEFTModelParallelStrategy
 from lightning_peft.methods import QLoRA
 from tests.distributed.process_group import end_process_group
 from tests.distributed.strategy_resume import CPUFSDPStrategy, gathered_adapter_state
@@ -54,23 +55,34 @@ def packed_elements(trainer: pl.Trainer, module: CausalLM) -> dict:
     return {"local": local, "frozen": frozen, "total": total, "unsharded_state_bytes": code_bytes}
 
 
+def fsdp2_packed_elements(module: CausalLM) -> dict:
+    from torch.distributed.tensor import DTensor
+
+    weights = [m.weight for m in module.model.modules() if is_quantized_linear(m)]
+    local = sum(w.to_local().numel() if isinstance(w, DTensor) else w.numel() for w in weights)
+    dtensors = sum(isinstance(w, DTensor) for w in weights)
+    return {"local": local, "total": sum(w.numel() for w in weights), "dtensors": dtensors}
+
+
 def fit(
-    out: Path, name: str, strategy, max_epochs: int = -1, max_steps: int = -1, ckpt_path: str | None = None
+    out: Path, name: str, strategy, max_epochs: int, ckpt_path: str | None = None, storage: str = "float32"
 ):
     pl.seed_everything(0)
     module = CausalLM(build_in="configure_model")
-    method = QLoRA(r=4, target_modules=["q_proj", "v_proj"], quant_storage="float32")
+    method = QLoRA(r=4, target_modules=["q_proj", "v_proj"], quant_storage=storage)
     callback = PEFTCallback(method, target="model")
     checkpoint = ModelCheckpoint(dirpath=out / f"ckpt_{name}", save_last=True, save_top_k=0)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy=strategy, max_epochs=max_epochs, max_steps=max_steps, logger=False,
+        accelerator="cpu", devices=2, strategy=strategy, max_epochs=max_epochs, logger=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback, checkpoint],
         default_root_dir=out, deterministic=True,
     )  # fmt: skip
     trainer.fit(module, token_loader(batches=4), ckpt_path=ckpt_path)
     result = {"losses": module.losses, "state": gathered_adapter_state(trainer, callback, module)}
-    if strategy != "ddp":
+    if isinstance(strategy, CPUFSDPStrategy):
         result["packed"] = packed_elements(trainer, module)
+    elif isinstance(strategy, PEFTModelParallelStrategy):
+        result["packed"] = fsdp2_packed_elements(module)
     torch.save(result, out / f"rank{trainer.global_rank}_{name}.pt")
 
 
@@ -79,6 +91,11 @@ def main(out: Path) -> None:
     fit(out, "fsdp", fsdp(), max_epochs=2)
     fit(out, "first", fsdp(), max_epochs=1)
     fit(out, "resumed", fsdp(), max_epochs=2, ckpt_path=str(out / "ckpt_first" / "last.ckpt"))
+    # FSDP2 shards each parameter on its own: the default uint8 storage works there.
+    fsdp2 = PEFTModelParallelStrategy(
+        data_parallel_size=2, tensor_parallel_size=1, layer_classes={LlamaDecoderLayer}
+    )
+    fit(out, "fsdp2", fsdp2, max_epochs=2, storage="uint8")
 
 
 if __name__ == "__main__":
