@@ -144,7 +144,11 @@ def set_output_cache(output: Any, cache: Any) -> None:
     if cache is not None:
         output[name] = cache
         return
-    remove = collections.OrderedDict.__delitem__ if isinstance(output, collections.OrderedDict) else dict.__delitem__
+    remove = (
+        collections.OrderedDict.__delitem__
+        if isinstance(output, collections.OrderedDict)
+        else dict.__delitem__
+    )
     remove(output, name)
     if name in getattr(output, "__dict__", {}):
         object.__setattr__(output, name, None)

@@ -101,7 +101,8 @@ class GatedPrefixTuning(PrefixTuning):
     Args: those of :class:`~lightning_peft.methods.PrefixTuning`.
     """
 
-    encoder_decoders: ClassVar[bool] = False  # one gate per layer index: an encoder-decoder has three such modules
+    # One gate per layer index: an encoder-decoder has three such modules.
+    encoder_decoders: ClassVar[bool] = False
 
     def inject_layers(self, model: nn.Module, adapter_name: str) -> None:
         super().inject_layers(model, adapter_name)

@@ -225,7 +225,10 @@ class LoraLinear(LoraLayer):
         variant = self.lora_variant.get(name)
         if variant is not None:
             return variant.fused_forward(self, name, x)
-        if self.shared_inputs is not None and (shared := self.shared_inputs.forward(self, name, x)) is not None:
+        if (
+            self.shared_inputs is not None
+            and (shared := self.shared_inputs.forward(self, name, x)) is not None
+        ):
             return shared
         base, A, B = self.base_layer, self.lora_A[name], self.lora_B[name]
         dropped = self.dropped_input(name, x, x.dtype)
@@ -248,7 +251,7 @@ class LoraLinear(LoraLayer):
         if len(pending) != 1:
             return None
         name = pending[0]
-        if torch.is_tensor(self.scaling[name]):  # hotswap-ready (a graph input): the kernel takes a float scale
+        if torch.is_tensor(self.scaling[name]):  # hotswap-ready (a graph input): the kernel wants a float
             return None
         base, A, B = self.base_layer, self.lora_A[name], self.lora_B[name]
         if type(base) not in (nn.Linear, Conv1D) or type(A) is not nn.Linear or type(B) is not nn.Linear:

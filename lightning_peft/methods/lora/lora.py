@@ -205,7 +205,10 @@ class LoRA(PEFTMethod):
         if self.target_modules is not None:
             return self.target_modules
         return default_targets(
-            model, DEFAULT_TARGETS, method="LoRA", fix="pass e.g. target_modules=['q_proj', 'v_proj'] or 'all-linear'."
+            model,
+            DEFAULT_TARGETS,
+            method="LoRA",
+            fix="pass e.g. target_modules=['q_proj', 'v_proj'] or 'all-linear'.",
         )
 
     def _module_targets(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
