@@ -198,7 +198,7 @@ class PEFTMethod:
     def to_peft_config(self, model: nn.Module, adapter_name: str) -> dict[str, Any]:
         """The ``adapter_config.json`` content for this adapter."""
         config = {f.name: getattr(self, f.name) for f in fields(self)}
-        return {"peft_type": self.peft_type, **_jsonable(config)}
+        return {"peft_type": self.peft_type, **jsonable(config)}
 
     def to_peft_state_dict(
         self, model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]
@@ -232,7 +232,7 @@ class PEFTMethod:
 
     def config_dict(self) -> dict[str, Any]:
         """``{"class_path", "init_args"}`` as in a LightningCLI config; see :func:`class_path`."""
-        return {"class_path": class_path(type(self)), "init_args": _jsonable(asdict(self))}
+        return {"class_path": class_path(type(self)), "init_args": jsonable(asdict(self))}
 
 
 _M = TypeVar("_M", bound=type["PEFTMethod"])
@@ -303,9 +303,10 @@ def method_for_peft_type(peft_type: str) -> type[PEFTMethod]:
     return _REGISTRY[peft_type]
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``value`` with its tuples and sets (at any depth in dicts and lists) turned into lists, as JSON holds them."""
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return value

@@ -45,13 +45,14 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._original_module
         elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
-        elif _is_compiled(model):
+        elif is_compiled(model):
             model = model._orig_mod
         else:
             return model
 
 
-def _is_compiled(model: nn.Module) -> bool:
+def is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is ``torch.compile``'s wrapper (its module is in ``model._orig_mod``)."""
     # torch.compile's wrapper class lives in dynamo; if dynamo was never imported, nothing is compiled.
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")
     return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)
@@ -67,7 +68,7 @@ def state_dict_key(model: nn.Module, key: str) -> str:
     live: list[str] = []
     module: nn.Module | None = model
     for part in key.split("."):
-        while module is not None and _is_compiled(module):
+        while module is not None and is_compiled(module):
             live.append("_orig_mod")
             module = module._orig_mod
         live.append(part)
@@ -265,7 +266,7 @@ def unwrap_once(model: nn.Module) -> nn.Module:
         return model._forward_module
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         return model.module
-    return model._orig_mod if _is_compiled(model) else model
+    return model._orig_mod if is_compiled(model) else model
 
 
 def _refuse_sharded(model: nn.Module) -> None:

@@ -26,15 +26,15 @@ from torch import nn
 
 from lightning_peft.core.adapter_layer import adapter_layers, to_peft_key
 from lightning_peft.core.contract import method_for_peft_type
-from lightning_peft.core.injection import _is_compiled, adapter_state_keys, clean_key, require_record, unwrap
+from lightning_peft.core.injection import adapter_state_keys, clean_key, is_compiled, require_record, unwrap
 from lightning_peft.core.targeting import pattern_value
 from lightning_peft.formats.peft_directory import (
     CONFIG_NAME,
     WEIGHTS_NAME,
-    _own_settings,
-    _read_tensors,
     check_config_keys,
+    own_settings,
     read_adapter_config,
+    read_tensors,
     refuse_non_finite,
 )
 from lightning_peft.methods.lora.layers import LoraConv, LoraEmbedding, LoraLayer
@@ -188,7 +188,7 @@ def hotswap_adapter(
 # --- helpers ---------------------------------------------------------------------------------------------------
 def _compiled_on_the_way(model: nn.Module) -> bool:
     """Whether ``model`` or a module inside it is a ``torch.compile`` wrapper."""
-    return any(_is_compiled(m) for m in [model, *model.modules()])
+    return any(is_compiled(m) for m in [model, *model.modules()])
 
 
 def _lora_layers(
@@ -304,7 +304,7 @@ def _read_lora(directory: Path) -> LoRA:
         )
     method_cls = method_for_peft_type("LORA")
     check_config_keys(directory / CONFIG_NAME, config, method_cls)
-    if own := _own_settings(directory):
+    if own := own_settings(directory):
         config = {**config, **own}
         check_config_keys(directory / WEIGHTS_NAME, config, method_cls)
     try:
@@ -314,7 +314,7 @@ def _read_lora(directory: Path) -> LoRA:
 
 
 def _read_checked(directory: Path) -> dict[str, torch.Tensor]:
-    tensors = _read_tensors(directory)
+    tensors = read_tensors(directory)
     refuse_non_finite(tensors, str(directory), "hot-swap a finite adapter.")
     return tensors
 

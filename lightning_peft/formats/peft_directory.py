@@ -358,7 +358,12 @@ def _load_into(
     model.load_state_dict({expected[k]: v for k, v in tensors.items()}, strict=False)
 
 
-def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """The tensors of the adapter file in ``directory`` (safetensors, else peft's legacy ``.bin``), as saved.
+
+    A file that cannot be read raises ``ValueError`` naming it; a directory with neither raises
+    ``FileNotFoundError`` (saying so if a save was interrupted there).
+    """
     weights_path = directory / WEIGHTS_NAME
     if weights_path.is_file():
         try:
@@ -378,7 +383,7 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{weights_path} not found.{describe_interrupted(directory)}")
 
 
-def _own_settings(directory: Path) -> dict[str, Any]:
+def own_settings(directory: Path) -> dict[str, Any]:
     """The settings :func:`save_adapter` kept in the weights file's metadata (none in peft's or legacy files)."""
     weights_path = directory / WEIGHTS_NAME
     if not weights_path.is_file():
@@ -445,8 +450,8 @@ def load_adapter(
         raise ValueError(f"{config_path} has no 'peft_type' string; it is not an adapter config.")
     method_cls = method_for_peft_type(config["peft_type"])
     check_config_keys(config_path, config, method_cls)
-    tensors = _read_tensors(directory)
-    if own := _own_settings(directory):
+    tensors = read_tensors(directory)
+    if own := own_settings(directory):
         config = {**config, **own}
         check_config_keys(directory / WEIGHTS_NAME, config, method_cls)
     if not allow_non_finite:

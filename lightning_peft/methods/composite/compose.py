@@ -31,7 +31,7 @@ from torch import nn
 from lightning_peft.core.adapter_layer import adapter_layers
 from lightning_peft.core.contract import (
     PEFTMethod,
-    _jsonable,
+    jsonable,
     known_class_paths,
     method_class,
     register_method,
@@ -184,7 +184,7 @@ class MethodUnion(ComposedMethod):
             "class_path": f"{type(self).__module__}.{type(self).__qualname__}",
             "init_args": {
                 "methods": [method.config_dict() for method in self.methods],
-                "modules_to_save": _jsonable(self.modules_to_save),
+                "modules_to_save": jsonable(self.modules_to_save),
             },
         }
 
