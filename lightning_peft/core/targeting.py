@@ -105,14 +105,15 @@ def pattern_value(name: str, patterns: dict[str, int | float], default: int | fl
 
 def default_targets(
     model: nn.Module,
-    table: dict[str, list[str]],
+    table: dict[str, list[str] | str],
     *,
     method: str,
     fix: str,
     option: str = "target_modules",
     separator: str = ";",
-) -> list[str]:
-    """A method's default modules for ``model`` (``option`` was not given): ``table[model.config.model_type]``.
+) -> list[str] | str:
+    """A method's default modules for ``model`` (``option`` was not given): ``table[model.config.model_type]``, a
+    list of names or a full-match regex.
 
     Raises:
         ValueError: no entry for the model's type; the message names the option to pass and, in ``fix``, how.

@@ -67,17 +67,30 @@ _BERT = BlockLayout(
 # Sparse MoE blocks: the experts' weights are stacked 3-D tensors, so the bottleneck wraps the whole routed block
 # (sized by the model's hidden size where the block holds no linear layer).
 _MOE = BlockLayout(["self_attn.o_proj"], ["mlp"], ["self_attn"], ["mlp"])
+_GPT2 = BlockLayout(["attn.c_proj"], ["mlp.c_proj"], ["attn"], ["mlp"])
+#: Each family's blocks checked against the layout on a tiny model (tests/test_default_targets.py): Gemma 2/3 norm
+#: the sublayer outputs before the residual add (the bottleneck joins before that norm, inside the sublayer), Phi-3
+#: fuses gate and up projections, StableLM may run attention and MLP on the same input (parallel residual).
 LAYOUTS: dict[str, BlockLayout] = {
     "llama": _DECODER,
     "mistral": _DECODER,
     "qwen2": _DECODER,
     "qwen3": _DECODER,
     "gemma": _DECODER,
+    "gemma2": _DECODER,
+    "gemma3_text": _DECODER,
+    "phi3": _DECODER,
+    "stablelm": _DECODER,
     "mixtral": _MOE,
     "qwen2_moe": _MOE,
-    "gpt2": BlockLayout(["attn.c_proj"], ["mlp.c_proj"], ["attn"], ["mlp"]),
+    "gpt2": _GPT2,
+    "gpt_bigcode": _GPT2,
     "bert": _BERT,
     "roberta": _BERT,
+    "xlm-roberta": _BERT,
+    "electra": _BERT,
+    "layoutlm": _BERT,
+    "deberta": _BERT,
     "deberta-v2": _BERT,
 }
 

@@ -22,53 +22,79 @@ from lightning_peft.core.contract import PEFTMethod, register_method
 from lightning_peft.core.targeting import default_targets, find_targets, name_matches, replace_module
 from lightning_peft.core.transformers_compat import Conv1D
 
-#: Defaults per transformers ``model_type``: keys, values and the feed-forward down-projection (the paper's
-#: choice; peft's table, except that peft scales q instead of k for Qwen2).
+#: Defaults per transformers ``model_type``: peft's tables (the same in peft 0.21.0 to 0.21.2) for every model type
+#: they cover, plus distilbert, whisper, vit and qwen2_moe, which they lack. Like peft, most scale keys and values
+#: and the input of the feed-forward down-projection (the paper's choice), some queries and values (Qwen, Gemma,
+#: Phi, GPT-J, BART, ...) or queries and keys (OPT); mt5 scales the output of ``wi_1`` and no feed-forward input.
+#: RefinedWeb and RefinedWebModel are remote-code Falcon, which transformers does not ship; their names are peft's.
 DEFAULT_TARGETS: dict[str, list[str]] = {
     "llama": ["k_proj", "v_proj", "down_proj"],
+    "llama4": ["q_proj", "v_proj", "down_proj"],
     "mistral": ["k_proj", "v_proj", "down_proj"],
-    "qwen2": ["k_proj", "v_proj", "down_proj"],
+    # peft adds the feed-forward "w2", which transformers 5 no longer builds: routed experts are stacked 3-D
+    # tensors, not layers. Keys and values only (the modules peft adapts too), no feed-forward vector.
+    "mixtral": ["k_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj", "down_proj"],
+    "qwen2_moe": ["k_proj", "v_proj"],  # as Mixtral: the routed experts hold no layers
+    "qwen3": ["q_proj", "v_proj", "down_proj"],
+    "gemma": ["q_proj", "v_proj", "down_proj"],
+    "gemma2": ["q_proj", "v_proj", "down_proj"],
+    "gemma3_text": ["q_proj", "v_proj", "down_proj"],
+    "phi": ["q_proj", "v_proj", "fc2"],
+    "opt": ["q_proj", "k_proj", "fc2"],
     "gpt2": ["c_attn", "mlp.c_proj"],
+    "gpt_bigcode": ["c_attn", "mlp.c_proj"],
+    "gpt_neo": ["q_proj", "v_proj", "c_proj"],
+    "gptj": ["q_proj", "v_proj", "fc_out"],
+    "gpt_neox": ["query_key_value", "dense_4h_to_h"],
+    "falcon": ["query_key_value", "dense_4h_to_h"],
+    "RefinedWeb": ["query_key_value", "dense_4h_to_h"],
+    "RefinedWebModel": ["query_key_value", "dense_4h_to_h"],
+    "bloom": ["query_key_value", "mlp.dense_4h_to_h"],
     "bert": ["key", "value", "output.dense"],
     "roberta": ["key", "value", "output.dense"],
-    "t5": ["k", "v", "wo"],
-    "qwen3": ["k_proj", "v_proj", "down_proj"],
-    "gemma": ["k_proj", "v_proj", "down_proj"],
-    "opt": ["k_proj", "v_proj", "fc2"],
-    "phi": ["k_proj", "v_proj", "fc2"],
-    "falcon": ["query_key_value", "dense_4h_to_h"],
-    "bloom": ["query_key_value", "dense_4h_to_h"],
     "distilbert": ["k_lin", "v_lin", "ffn.lin2"],
+    "deberta": ["in_proj", "output.dense"],
     "deberta-v2": ["key_proj", "value_proj", "output.dense"],
-    "bart": ["k_proj", "v_proj", "fc2"],
+    "t5": ["k", "v", "wo"],
+    "mt5": ["k", "v", "wi_1"],
+    "bart": ["q_proj", "v_proj", "fc2"],
     "whisper": ["k_proj", "v_proj", "fc2"],
     # transformers 5.4 names ViT's layers key/value/output.dense, later releases k_proj/v_proj/mlp.fc2.
     "vit": ["key", "value", "output.dense", "k_proj", "v_proj", "mlp.fc2"],
-    # Routed experts are stacked 3-D tensors, not layers: keys and values only (no feed-forward vector).
-    "mixtral": ["k_proj", "v_proj"],
-    "qwen2_moe": ["k_proj", "v_proj"],
 }
 DEFAULT_FEEDFORWARD: dict[str, list[str]] = {
     "llama": ["down_proj"],
+    "llama4": ["down_proj"],
     "mistral": ["down_proj"],
+    "mixtral": [],
     "qwen2": ["down_proj"],
-    "gpt2": ["mlp.c_proj"],
-    "bert": ["output.dense"],
-    "roberta": ["output.dense"],
-    "t5": ["wo"],
+    "qwen2_moe": [],
     "qwen3": ["down_proj"],
     "gemma": ["down_proj"],
-    "opt": ["fc2"],
+    "gemma2": ["down_proj"],
+    "gemma3_text": ["down_proj"],
     "phi": ["fc2"],
+    "opt": ["fc2"],
+    "gpt2": ["mlp.c_proj"],
+    "gpt_bigcode": ["mlp.c_proj"],
+    "gpt_neo": ["c_proj"],
+    "gptj": ["fc_out"],
+    "gpt_neox": ["dense_4h_to_h"],
     "falcon": ["dense_4h_to_h"],
-    "bloom": ["dense_4h_to_h"],
+    "RefinedWeb": ["dense_4h_to_h"],
+    "RefinedWebModel": ["dense_4h_to_h"],
+    "bloom": ["mlp.dense_4h_to_h"],
+    "bert": ["output.dense"],
+    "roberta": ["output.dense"],
     "distilbert": ["ffn.lin2"],
+    "deberta": ["output.dense"],
     "deberta-v2": ["output.dense"],
+    "t5": ["wo"],
+    "mt5": [],
     "bart": ["fc2"],
     "whisper": ["fc2"],
     "vit": ["output.dense", "mlp.fc2"],
-    "mixtral": [],
-    "qwen2_moe": [],
 }
 
 

@@ -60,34 +60,62 @@ from lightning_peft.methods.trainable_tokens import (
     to_lora_layout,
 )
 
-#: Default targets per transformers ``model_type`` when ``target_modules`` is not given (as in peft).
-DEFAULT_TARGETS: dict[str, list[str]] = {
+#: Default targets per transformers ``model_type`` when ``target_modules`` is not given: peft's table (the same in
+#: peft 0.21.0 to 0.21.2) for every model type it covers, plus distilbert, phi3, whisper, vit and qwen2_moe, which it
+#: lacks. A list is matched by suffix; a string (gemma4: the language model's projections only, not the vision or
+#: audio towers') is a full-match regex. RefinedWeb, RefinedWebModel, btlm, chatglm and rwkv7 are remote-code models
+#: transformers does not ship; their names are peft's.
+DEFAULT_TARGETS: dict[str, list[str] | str] = {
     "llama": ["q_proj", "v_proj"],
+    "llama4": ["q_proj", "v_proj"],
     "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
     "qwen2": ["q_proj", "v_proj"],
+    "qwen2_moe": ["q_proj", "v_proj"],
     "qwen3": ["q_proj", "v_proj"],
     "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
+    "stablelm": ["q_proj", "v_proj"],
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
     "phi3": ["qkv_proj"],
+    "opt": ["q_proj", "v_proj"],
     "gpt2": ["c_attn"],
+    "gpt_bigcode": ["c_attn"],
+    "btlm": ["c_proj", "c_attn"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "codegen": ["qkv_proj"],
+    "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "RefinedWeb": ["query_key_value"],
+    "RefinedWebModel": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "chatglm": ["query_key_value"],
+    "mpt": ["Wqkv"],
+    "rwkv": ["key", "value", "receptance", "output"],
+    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
     "bert": ["query", "value"],
     "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "layoutlm": ["query", "value"],
     "distilbert": ["q_lin", "v_lin"],
-    "t5": ["q", "v"],
-    "opt": ["q_proj", "v_proj"],
-    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
-    "falcon": ["query_key_value"],
-    "bloom": ["query_key_value"],
+    "deberta": ["in_proj"],
     "deberta-v2": ["query_proj", "value_proj"],
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
     "bart": ["q_proj", "v_proj"],
     "whisper": ["q_proj", "v_proj"],
+    "blip-2": ["q", "v", "q_proj", "v_proj"],  # the language model's (T5: q/v, OPT: q_proj/v_proj)
     "vit": [
         "query",
         "value",
         "q_proj",
         "v_proj",
     ],  # transformers 5.4 names them query/value, later q_proj/v_proj
-    "mixtral": ["q_proj", "v_proj"],
-    "qwen2_moe": ["q_proj", "v_proj"],
 }
 
 
