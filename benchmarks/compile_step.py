@@ -1,9 +1,20 @@
-"""torch.compile and LoRA: the compiled training step against the eager one, ours beside Hugging Face peft's.
+"""The LoRA training step, eager and compiled, ours beside Hugging Face peft's and full fine-tuning's, with the
+bounds that say how far each ratio could go.
 
-Four setups on the same base model, batch and adapter weights (all-linear LoRA, r=8): ours eager, ours compiled,
-peft eager, peft compiled, each ``torch.compile(model, backend=...)`` (default inductor). Compilation happens in
-untimed warm-up steps; then one step of each setup per round, interleaved, and only ratios of medians of the
-per-round ratios are reported. Before timing, the compiled models' logits are checked against the eager ones.
+Five setups on the same base model and batch (all-linear LoRA, r=8, the same adapter weights): ours eager, ours
+compiled, peft eager, peft compiled (each ``torch.compile(model, backend=...)``, default inductor) and full
+fine-tuning eager. Compilation happens in untimed warm-up steps; then one step of each setup per round,
+interleaved, and only medians of the per-round ratios are reported. Before timing, the compiled models' logits
+are checked against the eager ones.
+
+Two bounds come with the ratios, both from this run:
+
+- **FLOP ideal**: LoRA's step FLOPs over full fine-tuning's (benchmarks/flops.py), the step/full ratio of a LoRA
+  step that ran every matmul at full fine-tuning's speed and spent nothing else. Divided by peft's measured
+  step/full ratio it is the ours/peft ratio such a step would reach (``ours/peft at the FLOP ideal``).
+- **Matmul share**: the fraction of our eager step's operator time (torch.profiler, self CPU time) spent in
+  matmuls and attention kernels, which compiling leaves to the same BLAS/attention kernels. A compiled step that
+  fused every other operator into nothing would take that fraction of the eager step (``compiled/eager floor``).
 
 Usage:
     python -m benchmarks.compile_step                       # Llama-shaped, hidden 512, 4 layers, inductor
@@ -13,18 +24,27 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import re
+from collections.abc import Callable
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
+from benchmarks import flops
 from benchmarks.head_to_head import Side, prepare
-from benchmarks.measure import interleaved, paired_ratio
+from benchmarks.measure import FULL, Setup, interleaved, paired_ratio, per_token_adapter_params
+from benchmarks.models import model_shape
 
 RATIOS = (
     ("ours compiled / ours eager", "ours_compiled", "ours_eager"),
     ("peft compiled / peft eager", "peft_compiled", "peft_eager"),
     ("ours compiled / peft compiled", "ours_compiled", "peft_compiled"),
     ("ours eager / peft eager", "ours_eager", "peft_eager"),
+    ("ours eager / full fine-tuning", "ours_eager", "full"),
+    ("peft eager / full fine-tuning", "peft_eager", "full"),
 )
+#: Operators compiling hands to the same kernels it would call eagerly (BLAS matmuls, the attention kernels).
+MATMULS = re.compile(r"aten::(mm|addmm_?|bmm|baddbmm|_scaled_dot_product_\w+)$")
 
 
 def compiled_side(side: Side, backend: str) -> Side:
@@ -35,10 +55,36 @@ def compiled_side(side: Side, backend: str) -> Side:
     return twin
 
 
+def matmul_share(step: Callable[[], None], steps: int = 3) -> float:
+    """Fraction of ``step``'s operator time (self CPU time, ``steps`` steps under torch.profiler) in
+    :data:`MATMULS`."""
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return sum(e.self_cpu_time_total for e in events if MATMULS.match(e.key)) / total
+
+
+def flop_ideal(args: argparse.Namespace, lora_model: torch.nn.Module) -> float:
+    """LoRA's training-step FLOPs over full fine-tuning's (benchmarks/flops.py)."""
+    shape = model_shape(lora_model)
+    common = {"batch": args.batch, "seq": args.seq, "attn_dim": shape.attn_dim, "layers": shape.layers}
+    lora = flops.train_step_flops(
+        linear_params=shape.linear_params, adapter_params=per_token_adapter_params(lora_model), full=False,
+        **common,
+    )  # fmt: skip
+    full = flops.train_step_flops(linear_params=shape.linear_params, adapter_params=0, full=True, **common)
+    return lora / full
+
+
 def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """``label -> {median, q1, q3}`` of the per-round ratios, plus ``max_logit_diff`` per compiled side."""
+    """``label -> {median, q1, q3}`` of the per-round ratios, ``max_logit_diff`` per compiled side, and
+    ``bounds``: the FLOP ideal, ours/peft at the FLOP ideal, our eager step's matmul share."""
     ours, theirs, diff = prepare(args, "lora")
-    sides = {"ours_eager": ours, "peft_eager": theirs}
+    full = Setup(args, FULL)
+    sides = {"ours_eager": ours, "peft_eager": theirs, "full": full}
     sides["ours_compiled"] = compiled_side(ours, args.backend)
     sides["peft_compiled"] = compiled_side(theirs, args.backend)
     results: dict[str, dict[str, float]] = {"ours_vs_peft": {"max_logit_diff": diff}}
@@ -52,11 +98,20 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             results[f"{name}_compiled"] = {"max_logit_diff": gap}
     for side in sides.values():
         side.model.train()
-        for _ in range(args.warmup):  # compiles forward and backward graphs, untimed
+        for _ in range(
+            args.warmup if side is not full else 1
+        ):  # compiles forward and backward graphs, untimed
             side.train_step()
+    share = matmul_share(ours.train_step)
     samples = interleaved({name: side.train_step for name, side in sides.items()}, args.rounds)
     for label, name, reference in RATIOS:
         results[label] = paired_ratio(samples, name, reference)
+    ideal = flop_ideal(args, ours.model)
+    results["bounds"] = {
+        "flop_ideal": ideal,
+        "ours_vs_peft_at_flop_ideal": ideal / results["peft eager / full fine-tuning"]["median"],
+        "matmul_share": share,
+    }
     return results
 
 
@@ -79,6 +134,11 @@ def main(argv: list[str] | None = None) -> None:
     for label, _, _ in RATIOS:
         r = results[label]
         print(f"| {label} | {r['median']:.3f} | {r['q1']:.3f}-{r['q3']:.3f} |")
+    bounds = results["bounds"]
+    print(f"FLOP ideal LoRA / full {bounds['flop_ideal']:.3f}: ours eager at {results['ours eager / full fine-tuning']['median'] / bounds['flop_ideal']:.3f}x "
+          f"the ideal; a step at the ideal would be {bounds['ours_vs_peft_at_flop_ideal']:.3f} x peft")  # fmt: skip
+    print(f"Matmul + attention share of our eager step {bounds['matmul_share']:.3f}: the compiled / eager floor if "
+          "compiling made every other operator free")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """The benchmark's pure parts: the FLOP model's arithmetic and the table/JSON writers (no timing here)."""
 
+import argparse
 import json
 
 import pytest
+import torch
 
 from benchmarks import flops, measure, report
 
@@ -253,9 +255,38 @@ def test_compile_step_compares_the_same_function_compiled_and_eager() -> None:
         assert results[name]["max_logit_diff"] < 1e-5, name
     for label, _, _ in compile_step.RATIOS:
         assert 0 < results[label]["q1"] <= results[label]["median"] <= results[label]["q3"], label
+    bounds = results["bounds"]
+    assert 0.5 < bounds["flop_ideal"] < 1 and 0 < bounds["matmul_share"] < 1
+    peft_vs_full = results["peft eager / full fine-tuning"]["median"]
+    assert bounds["ours_vs_peft_at_flop_ideal"] == pytest.approx(
+        bounds["flop_ideal"] / peft_vs_full, rel=1e-12
+    )
 
 
-@pytest.mark.parametrize("module", ["head_to_head", "compile_step"])
+def test_matmul_share_counts_only_matmul_and_attention_time() -> None:
+    from benchmarks.compile_step import MATMULS, matmul_share
+
+    assert all(MATMULS.match(k) for k in ("aten::mm", "aten::addmm_", "aten::bmm"))
+    assert MATMULS.match("aten::_scaled_dot_product_flash_attention_for_cpu")
+    assert not any(MATMULS.match(k) for k in ("aten::mul", "aten::add_", "aten::mm_backward_extra"))
+    a = torch.randn(256, 256)
+    assert matmul_share(lambda: a @ a) > 0.9  # nothing but a matmul
+    assert matmul_share(lambda: (a * 2 + 1).exp_()) == 0.0  # nothing but elementwise work
+
+
+def test_chunked_loss_benchmark_compares_equal_losses() -> None:
+    from benchmarks import chunked_loss
+
+    args = argparse.Namespace(
+        vocab=300, hidden=32, layers=1, batch=2, seq=24, chunk=10, rounds=2, threads=1, peaks=False
+    )
+    results = chunked_loss.run(args)
+    assert results["checks"]["loss_diff"] <= 1e-6 and results["checks"]["max_grad_diff"] <= 1e-6
+    for key in ("step", "loss"):
+        assert 0 < results[key]["q1"] <= results[key]["median"] <= results[key]["q3"], key
+
+
+@pytest.mark.parametrize("module", ["head_to_head", "compile_step", "chunked_loss"])
 def test_each_benchmark_has_its_own_help(module, capsys) -> None:
     import importlib
 
