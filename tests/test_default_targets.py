@@ -19,28 +19,23 @@ from transformers import CONFIG_MAPPING, AutoModel
 
 from lightning_peft import inject
 from lightning_peft.core.targeting import name_matches
-from lightning_peft.methods import IA3, AdaLoRA, Adapter, LoRA
+from lightning_peft.methods import IA3, Adapter, LoRA
 from lightning_peft.methods.adapter import LAYOUTS, BottleneckLayer
 from lightning_peft.methods.ia3 import DEFAULT_FEEDFORWARD as IA3_FEEDFORWARD
 from lightning_peft.methods.ia3 import DEFAULT_TARGETS as IA3_TARGETS
 from lightning_peft.methods.ia3 import IA3Layer
-from lightning_peft.methods.lora.adalora import DEFAULT_TARGETS as ADALORA_TARGETS
-from lightning_peft.methods.lora.adalora import SVDLayer
 from lightning_peft.methods.lora.layers import LoraLayer
 from lightning_peft.methods.lora.lora import DEFAULT_TARGETS as LORA_TARGETS
 from lightning_peft.testing.checks import randomise
 from lightning_peft.testing.models import VOCAB, token_batch
 
 PEFT_LORA = peft_constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-PEFT_ADALORA = peft_constants.TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING
 PEFT_IA3 = peft_constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING
 PEFT_IA3_FEEDFORWARD = peft_constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
 
 # Families peft has no default for, which ours add.
 LORA_ONLY_OURS = {"distilbert", "phi3", "qwen2_moe", "vit", "whisper"}
 IA3_ONLY_OURS = {"distilbert", "qwen2_moe", "vit", "whisper"}
-# AdaLoRA: peft's AdaLoRA table, and LoRA's defaults for the families it lacks.
-ADALORA_FROM_LORA = set(LORA_TARGETS) - set(PEFT_ADALORA)
 # Deliberate differences from peft's value: (ours, peft's), and why.
 IA3_DIFFERENCES = {
     # transformers 5's Mixtral stacks the routed experts in 3-D tensors: no "w2" layer exists for peft's entry.
@@ -251,18 +246,6 @@ def test_lora_table_has_every_peft_model_type_with_peft_names() -> None:
     assert set(LORA_TARGETS) - set(PEFT_LORA) == LORA_ONLY_OURS
 
 
-def test_adalora_table_is_peft_adalora_table_and_lora_defaults_elsewhere() -> None:
-    assert {k: _as_list(v) for k, v in PEFT_ADALORA.items()} == {k: ADALORA_TARGETS[k] for k in PEFT_ADALORA}
-    assert {k: ADALORA_TARGETS[k] for k in ADALORA_FROM_LORA} == {
-        k: LORA_TARGETS[k] for k in ADALORA_FROM_LORA
-    }
-    assert set(ADALORA_TARGETS) == set(LORA_TARGETS)
-    # where peft's AdaLoRA table differs from its LoRA table, it adapts every attention and feed-forward layer
-    assert {k for k in PEFT_ADALORA if ADALORA_TARGETS[k] != LORA_TARGETS[k]} == {
-        "t5", "mt5", "bart", "opt", "roberta", "deberta-v2"
-    }  # fmt: skip
-
-
 def test_ia3_tables_have_every_peft_model_type_with_peft_names_except_the_listed_differences() -> None:
     ours = {k: (IA3_TARGETS[k], IA3_FEEDFORWARD[k]) for k in PEFT_IA3}
     theirs = {k: (_as_list(v), _as_list(PEFT_IA3_FEEDFORWARD[k])) for k, v in PEFT_IA3.items()}
@@ -339,26 +322,6 @@ def test_lora_default_adapts_the_modules_peft_default_adapts(tiny: dict[str, nn.
             peft.get_peft_model(_model(tiny, family), peft.LoraConfig())
         config = peft.LoraConfig(target_modules=list(PEFT_LORA[family]))
     assert ours == set(_peft_adapted(_model(tiny, family), config, PeftLoraLayer))
-
-
-@pytest.mark.parametrize("family", [f for f in SHIPPED if f in ADALORA_TARGETS])
-def test_adalora_default_adapts_the_modules_peft_default_adapts(
-    tiny: dict[str, nn.Module], family: str
-) -> None:
-    method = AdaLoRA(init_r=4, target_r=2, total_step=10)
-    ours = {n for n, m in inject(_model(tiny, family), method).named_modules() if isinstance(m, SVDLayer)}
-    assert ours
-    if family in ADALORA_FROM_LORA:
-        with pytest.raises(ValueError, match="target_modules"):
-            peft.get_peft_model(_model(tiny, family), peft.AdaLoraConfig(total_step=10))
-        assert ours == {
-            n for n, m in inject(_model(tiny, family), LoRA()).named_modules() if isinstance(m, LoraLayer)
-        }
-        return
-    theirs = _peft_adapted(
-        _model(tiny, family), peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10), PeftLoraLayer
-    )
-    assert ours == set(theirs)
 
 
 @pytest.mark.parametrize("family", [f for f in SHIPPED if f in IA3_TARGETS])
