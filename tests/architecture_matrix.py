@@ -708,7 +708,9 @@ def _check_injected(
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and trainable == set(adapter_state_keys(model, parameters_only=True)), sorted(trainable)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    # eps far below any gradient: a step moves every parameter whose gradient is nonzero, however small (a tiny
+    # BART's q_proj gets ~4e-16, which Adam's default eps=1e-8 shrinks into fp32 rounding)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2, eps=1e-20)
     for _ in range(2):
         optimizer.zero_grad()
         forward(model, inputs).float().square().mean().backward()

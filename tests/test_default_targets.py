@@ -24,6 +24,7 @@ from lightning_peft.methods.adapter import LAYOUTS, BottleneckLayer
 from lightning_peft.methods.ia3 import DEFAULT_FEEDFORWARD as IA3_FEEDFORWARD
 from lightning_peft.methods.ia3 import DEFAULT_TARGETS as IA3_TARGETS
 from lightning_peft.methods.ia3 import IA3Layer
+from lightning_peft.methods.lora.adalora import DEFAULT_TARGETS as ADALORA_TARGETS
 from lightning_peft.methods.lora.adalora import SVDLayer
 from lightning_peft.methods.lora.layers import LoraLayer
 from lightning_peft.methods.lora.lora import DEFAULT_TARGETS as LORA_TARGETS
@@ -38,9 +39,8 @@ PEFT_IA3_FEEDFORWARD = peft_constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MOD
 # Families peft has no default for, which ours add.
 LORA_ONLY_OURS = {"distilbert", "phi3", "qwen2_moe", "vit", "whisper"}
 IA3_ONLY_OURS = {"distilbert", "qwen2_moe", "vit", "whisper"}
-# AdaLoRA uses LoRA's table. peft's AdaLoRA table lacks some families and, for these six, names every attention and
-# feed-forward layer (an open gap: with those, the tiny BART's AdaLoRA cell in tests/architecture_matrix.py gets
-# q_proj gradients of ~4e-16 that its 2-step check cannot see move).
+# AdaLoRA: peft's AdaLoRA table, which for these six names every attention and feed-forward layer; LoRA's table
+# for the families peft's AdaLoRA table lacks.
 ADALORA_WIDER_IN_PEFT = {"t5", "mt5", "bart", "opt", "roberta", "deberta-v2"}
 # Deliberate differences from peft's value: (ours, peft's), and why.
 IA3_DIFFERENCES = {
@@ -330,15 +330,15 @@ def test_lora_default_adapts_the_modules_peft_default_adapts(tiny: dict[str, nn.
     assert ours == set(_peft_adapted(_model(tiny, family), config, PeftLoraLayer))
 
 
-def test_adalora_defaults_equal_peft_adalora_table_except_the_wider_six() -> None:
-    differing = {k for k, v in PEFT_ADALORA.items() if _as_list(v) != LORA_TARGETS[k]}
-    assert differing == ADALORA_WIDER_IN_PEFT
-    assert set(PEFT_ADALORA) <= set(LORA_TARGETS)
+def test_adalora_defaults_are_peft_adalora_table_and_lora_defaults_elsewhere() -> None:
+    assert {k: ADALORA_TARGETS[k] for k in PEFT_ADALORA} == {k: _as_list(v) for k, v in PEFT_ADALORA.items()}
+    elsewhere = set(ADALORA_TARGETS) - set(PEFT_ADALORA)
+    assert elsewhere and {k: ADALORA_TARGETS[k] for k in elsewhere} == {k: LORA_TARGETS[k] for k in elsewhere}
+    assert set(ADALORA_TARGETS) == set(LORA_TARGETS)
+    assert {k for k in PEFT_ADALORA if ADALORA_TARGETS[k] != LORA_TARGETS[k]} == ADALORA_WIDER_IN_PEFT
 
 
-@pytest.mark.parametrize(
-    "family", [f for f in SHIPPED if f in PEFT_ADALORA and f not in ADALORA_WIDER_IN_PEFT]
-)
+@pytest.mark.parametrize("family", [f for f in SHIPPED if f in PEFT_ADALORA])
 def test_adalora_default_adapts_the_modules_peft_default_adapts(
     tiny: dict[str, nn.Module], family: str
 ) -> None:

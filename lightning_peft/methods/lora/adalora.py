@@ -38,7 +38,19 @@ from lightning_peft.core.contract import PEFTMethod, register_method
 from lightning_peft.core.injection import clean_key, injection_record
 from lightning_peft.core.targeting import default_targets, find_targets, replace_module
 from lightning_peft.core.transformers_compat import Conv1D
-from lightning_peft.methods.lora.lora import DEFAULT_TARGETS
+from lightning_peft.methods.lora.lora import DEFAULT_TARGETS as LORA_DEFAULT_TARGETS
+
+#: Defaults per transformers ``model_type``: peft's AdaLoRA table, which budgets over more layers than LoRA's for
+#: six families (all attention and feed-forward layers); LoRA's defaults for the families it lacks.
+DEFAULT_TARGETS: dict[str, list[str] | str] = {
+    **LORA_DEFAULT_TARGETS,
+    "t5": ["q", "k", "v", "o", "wi", "wo"],
+    "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
+    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "roberta": ["query", "key", "value", "dense"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
+}
 
 _SVD = ("lora_A", "lora_E", "lora_B")
 _PEFT_NAMES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}  # ours -> AdaLoraConfig's
@@ -160,7 +172,7 @@ class AdaLoRA(PEFTMethod):
 
     Args:
         target_modules: Names (suffix match), a full-match regex, or ``"all-linear"``; ``None`` uses the
-            per-architecture LoRA default (e.g. ``q_proj, v_proj``).
+            per-architecture default (peft's AdaLoRA table, e.g. ``q_proj, v_proj`` for Llama).
         exclude_modules: Modules to leave alone, same syntax.
         init_r: Rank each layer starts with.
         target_r: Average rank per layer at the end (the final budget is ``target_r * layers``).
