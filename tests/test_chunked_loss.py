@@ -92,3 +92,41 @@ def test_soft_capped_logits_are_refused() -> None:
 def test_bad_chunk_size_is_refused() -> None:
     with pytest.raises(ValueError, match="loss_chunk_size=0"):
         CausalLMModule(model_config={"model_type": "llama", **DECODER}, loss_chunk_size=0)
+
+
+@pytest.mark.parametrize("trainable_head", [False, True], ids=["frozen-head", "trainable-head"])
+def test_head_calls_per_chunk_and_equal_gradients(trainable_head: bool) -> None:
+    """A frozen head runs once per chunk (its gradient is taken in forward, none recomputed in backward); a
+    trainable one runs again in backward under checkpointing. Both give the plain loss and gradients."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False).requires_grad_(trainable_head)
+    calls = []
+    head.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    hidden = torch.randn(2, 12, 8, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 12))
+    labels[0, :4] = -100  # 22 shifted targets, 19 kept: chunks of 5, 5, 5, 4
+    loss = chunked_causal_lm_loss(hidden, labels, head, 5)
+    loss.backward()
+    assert calls == [5, 5, 5, 4] + ([4, 5, 5, 5] if trainable_head else [])  # recomputed last chunk first
+    grads = [hidden.grad] + ([head.weight.grad] if trainable_head else [])
+    plain_hidden = hidden.detach().clone().requires_grad_(True)
+    plain_head = torch.nn.Linear(8, 50, bias=False).requires_grad_(trainable_head)
+    plain_head.weight.data.copy_(head.weight.data)
+    plain = torch.nn.functional.cross_entropy(
+        plain_head(plain_hidden[:, :-1]).reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+    plain.backward()
+    assert abs(plain.item() - loss.item()) <= 1e-6
+    plain_grads = [plain_hidden.grad] + ([plain_head.weight.grad] if trainable_head else [])
+    for ours, theirs in zip(grads, plain_grads, strict=True):
+        assert (ours - theirs).abs().max().item() <= 1e-6
+
+
+def test_no_grad_loss_equals_the_training_one() -> None:
+    head = torch.nn.Linear(8, 50, bias=False).requires_grad_(False)
+    hidden = torch.randn(2, 12, 8, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        evaluated = chunked_causal_lm_loss(hidden, labels, head, 7)
+    assert not evaluated.requires_grad
+    assert torch.equal(evaluated, chunked_causal_lm_loss(hidden, labels, head, 7).detach())

@@ -4,6 +4,8 @@ which that loss relies on."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,8 +19,15 @@ def chunked_causal_lm_loss(
     hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk_size: int
 ) -> torch.Tensor:
     """The causal LM loss (token ``t`` predicts label ``t + 1``, mean over labels that are not -100), without the
-    full logits: ``head`` runs on ``chunk_size`` kept tokens at a time under activation checkpointing, so only one
-    chunk's ``(chunk_size, vocab)`` logits live at once, in forward and in backward (recomputed there).
+    full logits: ``head`` runs on ``chunk_size`` kept tokens at a time, so only one chunk's ``(chunk_size,
+    vocab)`` logits live at once.
+
+    A frozen head (no parameter requires grad: LoRA and the other methods leave it alone) gets each chunk's
+    gradient with respect to the hidden states at once, in forward, and frees the chunk's logits: backward scales
+    the stored ``(N, H)`` gradient, so the head runs once per token, as in the plain loss. A trainable head
+    (``modules_to_save``, LoRA on the head) runs each chunk under activation checkpointing instead: its logits
+    are recomputed in backward, one more head matmul per chunk, so its parameters get their gradients through
+    autograd as anywhere else.
 
     Args:
         hidden: ``(B, T, H)`` final hidden states (after the last norm), what the head reads.
@@ -34,18 +43,54 @@ def chunked_causal_lm_loss(
     states = hidden[:, :-1].reshape(-1, width)  # (B*(T-1), H)
     kept = targets != IGNORE_INDEX
     states, targets = states[kept], targets[kept]  # (N, H), (N,): ignored tokens get no logits
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, targets.shape[0], chunk_size):
-        end = start + chunk_size
-        total = total + checkpoint(
-            _summed_cross_entropy, head, states[start:end], targets[start:end], use_reentrant=False
-        )
+    if any(p.requires_grad for p in head.parameters()):
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, targets.shape[0], chunk_size):
+            end = start + chunk_size
+            total = total + checkpoint(
+                _summed_cross_entropy, head, states[start:end], targets[start:end], use_reentrant=False
+            )
+    elif torch.is_grad_enabled() and states.requires_grad:
+        total = _FrozenHeadCrossEntropy.apply(states, targets, head, chunk_size)
+    else:
+        total = sum(
+            (_summed_cross_entropy(head, states[i : i + chunk_size], targets[i : i + chunk_size])
+             for i in range(0, targets.shape[0], chunk_size)),
+            hidden.new_zeros((), dtype=torch.float32),
+        )  # fmt: skip
     return total / kept.sum()
 
 
 def _summed_cross_entropy(head: nn.Module, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = head(states).float()  # (n, H) -> (n, vocab), upcast as transformers' loss does
     return F.cross_entropy(logits, targets, reduction="sum")
+
+
+class _FrozenHeadCrossEntropy(torch.autograd.Function):
+    """``sum_chunks cross_entropy(head(states[chunk]), targets[chunk])`` for a head without trainable parameters;
+    forward also computes ``d loss / d states`` chunk by chunk (the chunk's logits and their gradient are freed
+    before the next chunk), backward only scales it."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, states: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk_size: int
+    ) -> torch.Tensor:
+        total = states.new_zeros((), dtype=torch.float32)
+        grad_states = torch.empty_like(states)  # (N, H)
+        for start in range(0, targets.shape[0], chunk_size):
+            end = start + chunk_size
+            with torch.enable_grad():
+                chunk = states[start:end].detach().requires_grad_(True)
+                loss = _summed_cross_entropy(head, chunk, targets[start:end])
+                (grad_states[start:end],) = torch.autograd.grad(loss, chunk)
+            total += loss.detach()
+        ctx.save_for_backward(grad_states)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        (grad_states,) = ctx.saved_tensors
+        return grad_states * grad_total.to(grad_states.dtype), None, None, None
 
 
 def check_separable_head(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
