@@ -20,15 +20,12 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from benchmarks.measure import interleaved, paired_ratio, status_mib
+from benchmarks.measure import in_forked_child, interleaved, paired_ratio, status_mib
 from lightning_peft import inject
 from lightning_peft.app.tasks import CausalLMModule, chunked_causal_lm_loss
 from lightning_peft.methods import LoRA
@@ -103,22 +100,7 @@ def _child(args: argparse.Namespace, side: str) -> dict[str, float]:
 
 def peaks(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Each side's peaks in a process of its own, forked before this one runs any torch op."""
-    results = {}
-    for side in SIDES:
-        with tempfile.NamedTemporaryFile("r", suffix=".json") as answer:
-            pid = os.fork()
-            if pid == 0:
-                code = 1
-                try:
-                    Path(answer.name).write_text(json.dumps(_child(args, side)))
-                    code = 0
-                finally:
-                    os._exit(code)
-            _, status = os.waitpid(pid, 0)
-            if os.waitstatus_to_exitcode(status) != 0:
-                raise RuntimeError(f"peak-memory child for {side} failed")
-            results[side] = json.loads(Path(answer.name).read_text())
-    return results
+    return {side: in_forked_child(lambda side=side: _child(args, side), side) for side in SIDES}
 
 
 def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:

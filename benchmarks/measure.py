@@ -186,27 +186,30 @@ def _peak_of(args: argparse.Namespace, name: str) -> dict[str, float]:
     return {"model_mib": ready - baseline, "peak_mib": peak, "peak_above_baseline_mib": peak - baseline}
 
 
+def in_forked_child(measure: Callable[[], dict[str, float]], label: str) -> dict[str, float]:
+    """``measure()`` run in a process forked from this one, its JSON-able result handed back. The caller forks
+    before running any torch op, so no thread pool is forked; each child spares a fresh interpreter's ~10 s
+    import."""
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as answer:
+        pid = os.fork()
+        if pid == 0:  # the child: measure, write, leave without running the parent's cleanup
+            code = 1
+            try:
+                Path(answer.name).write_text(json.dumps(measure()))
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(
+                f"peak-memory child for {label} failed (exit {os.waitstatus_to_exitcode(status)})"
+            )
+        return json.loads(Path(answer.name).read_text())
+
+
 def peak_children(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, float]]:
-    """Peak memory of each setup in its own process, forked from this one (which has imported everything but
-    run no torch op, so no thread pool is forked), sparing each setup the ~10 s import of a fresh interpreter."""
-    results = {}
-    for name in names:
-        with tempfile.NamedTemporaryFile("r", suffix=".json") as answer:
-            pid = os.fork()
-            if pid == 0:  # the child: measure, write, leave without running the parent's cleanup
-                code = 1
-                try:
-                    Path(answer.name).write_text(json.dumps(_peak_of(args, name)))
-                    code = 0
-                finally:
-                    os._exit(code)
-            _, status = os.waitpid(pid, 0)
-            if os.waitstatus_to_exitcode(status) != 0:
-                raise RuntimeError(
-                    f"peak-memory child for {name} failed (exit {os.waitstatus_to_exitcode(status)})"
-                )
-            results[name] = json.loads(Path(answer.name).read_text())
-    return results
+    """Peak memory of each setup in its own forked process (:func:`in_forked_child`)."""
+    return {name: in_forked_child(lambda name=name: _peak_of(args, name), name) for name in names}
 
 
 def process_peaks(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, float]]:
