@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import flops, measure, report
+from benchmarks import measure, report
 from benchmarks.measure import BASE, FULL, Setup
 from benchmarks.models import (
     check_model,
@@ -38,7 +38,6 @@ from benchmarks.models import (
     method_catalogue,
     model_label,
     model_shape,
-    virtual_tokens,
 )
 
 
@@ -93,16 +92,10 @@ def prepare(args: argparse.Namespace, names: list[str]) -> tuple[dict[str, Setup
 
 def static_measurements(args: argparse.Namespace, setups: dict[str, Setup]) -> dict[str, dict[str, Any]]:
     shape = model_shape(setups[FULL].model)
-    common = {"batch": args.batch, "seq": args.seq, "attn_dim": shape.attn_dim, "layers": shape.layers}
     results = {}
     for name, setup in setups.items():
         row: dict[str, Any] = measure.trainable(setup.model)
-        extra_query, extra_key = virtual_tokens(setup.method) if setup.method else (0, 0)
-        adapter = 0 if name == FULL else measure.per_token_adapter_params(setup.model)
-        row["flops_ideal"] = flops.train_step_flops(
-            linear_params=shape.linear_params, adapter_params=adapter, full=name == FULL,
-            extra_query=extra_query, extra_key=extra_key, **common,
-        )  # fmt: skip
+        row["flops_ideal"] = measure.ideal_step_flops(args, shape, setup.model, setup.method)
         row["flops_counted"] = measure.counted_flops(setup)
         if setup.method is not None:
             row.update(measure.adapter_file(setup.model))

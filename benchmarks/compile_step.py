@@ -30,9 +30,8 @@ from collections.abc import Callable
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks import flops
-from benchmarks.head_to_head import Side, prepare
-from benchmarks.measure import FULL, Setup, interleaved, paired_ratio, per_token_adapter_params
+from benchmarks.head_to_head import Side, pairs, prepare
+from benchmarks.measure import FULL, Setup, ideal_step_flops, interleaved, paired_ratio
 from benchmarks.models import model_shape
 
 RATIOS = (
@@ -67,16 +66,11 @@ def matmul_share(step: Callable[[], None], steps: int = 3) -> float:
     return sum(e.self_cpu_time_total for e in events if MATMULS.match(e.key)) / total
 
 
-def flop_ideal(args: argparse.Namespace, lora_model: torch.nn.Module) -> float:
+def flop_ideal(args: argparse.Namespace, lora: Side, full: Setup) -> float:
     """LoRA's training-step FLOPs over full fine-tuning's (benchmarks/flops.py)."""
-    shape = model_shape(lora_model)
-    common = {"batch": args.batch, "seq": args.seq, "attn_dim": shape.attn_dim, "layers": shape.layers}
-    lora = flops.train_step_flops(
-        linear_params=shape.linear_params, adapter_params=per_token_adapter_params(lora_model), full=False,
-        **common,
-    )  # fmt: skip
-    full = flops.train_step_flops(linear_params=shape.linear_params, adapter_params=0, full=True, **common)
-    return lora / full
+    shape = model_shape(full.model)
+    method = pairs()["lora"][0]()  # the configuration ``lora`` was built with
+    return ideal_step_flops(args, shape, lora.model, method) / ideal_step_flops(args, shape, full.model, None)
 
 
 def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
@@ -106,7 +100,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     samples = interleaved({name: side.train_step for name, side in sides.items()}, args.rounds)
     for label, name, reference in RATIOS:
         results[label] = paired_ratio(samples, name, reference)
-    ideal = flop_ideal(args, ours.model)
+    ideal = flop_ideal(args, ours, full)
     results["bounds"] = {
         "flop_ideal": ideal,
         "ours_vs_peft_at_flop_ideal": ideal / results["peft eager / full fine-tuning"]["median"],

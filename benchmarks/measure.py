@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.models import build_model, make_batch, method_catalogue
+from benchmarks import flops
+from benchmarks.models import Shape, build_model, make_batch, method_catalogue, virtual_tokens
 from lightning_peft import count_parameters, inject, merge
 from lightning_peft.formats.peft_directory import save_adapter
 from lightning_peft.methods import PEFTMethod
@@ -72,6 +73,19 @@ def per_token_adapter_params(model: nn.Module) -> int:
     """Trainable weights that run on every token: all trainable ones but the soft prompts (see flops.py)."""
     prompt_params = {id(p) for m in model.modules() if isinstance(m, VirtualTokens) for p in m.parameters()}
     return sum(p.numel() for p in unique_params(model) if p.requires_grad and id(p) not in prompt_params)
+
+
+def ideal_step_flops(
+    args: argparse.Namespace, shape: Shape, model: nn.Module, method: PEFTMethod | None
+) -> int:
+    """benchmarks/flops.py's FLOPs of one training step of ``model`` (``method`` injected, or ``None`` for full
+    fine-tuning), ``shape`` being the base model's."""
+    extra_query, extra_key = virtual_tokens(method) if method is not None else (0, 0)
+    return flops.train_step_flops(
+        linear_params=shape.linear_params, adapter_params=0 if method is None else per_token_adapter_params(model),
+        batch=args.batch, seq=args.seq, attn_dim=shape.attn_dim, layers=shape.layers, full=method is None,
+        extra_query=extra_query, extra_key=extra_key,
+    )  # fmt: skip
 
 
 def adapter_file(model: nn.Module) -> dict[str, int]:

@@ -43,21 +43,17 @@ def chunked_causal_lm_loss(
     states = hidden[:, :-1].reshape(-1, width)  # (B*(T-1), H)
     kept = targets != IGNORE_INDEX
     states, targets = states[kept], targets[kept]  # (N, H), (N,): ignored tokens get no logits
-    if any(p.requires_grad for p in head.parameters()):
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, targets.shape[0], chunk_size):
-            end = start + chunk_size
-            total = total + checkpoint(
-                _summed_cross_entropy, head, states[start:end], targets[start:end], use_reentrant=False
-            )
-    elif torch.is_grad_enabled() and states.requires_grad:
+    trainable_head = any(p.requires_grad for p in head.parameters())
+    if torch.is_grad_enabled() and states.requires_grad and not trainable_head:
         total = _FrozenHeadCrossEntropy.apply(states, targets, head, chunk_size)
     else:
-        total = sum(
-            (_summed_cross_entropy(head, states[i : i + chunk_size], targets[i : i + chunk_size])
-             for i in range(0, targets.shape[0], chunk_size)),
-            hidden.new_zeros((), dtype=torch.float32),
-        )  # fmt: skip
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, targets.shape[0], chunk_size):
+            chunk = (head, states[start : start + chunk_size], targets[start : start + chunk_size])
+            if trainable_head and torch.is_grad_enabled():
+                total = total + checkpoint(_summed_cross_entropy, *chunk, use_reentrant=False)
+            else:
+                total = total + _summed_cross_entropy(*chunk)
     return total / kept.sum()
 
 

@@ -43,6 +43,41 @@ def flat_inputs(
     return x2, d2, weight if fan_in_fan_out else weight.t()
 
 
+def base_plus_update(
+    x2: torch.Tensor,
+    w_t: torch.Tensor,
+    bias: torch.Tensor | None,
+    after_A_t: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """``x W^T + b + s (A x^T)^T B^T`` as ``(tokens, out)``: the base product, then the update accumulated into it
+    in place (the scale in ``addmm_``'s alpha)."""
+    result = x2 @ w_t if bias is None else torch.addmm(bias, x2, w_t)  # (tokens, out)
+    result.addmm_(after_A_t.t(), lora_B.t(), alpha=scaling)  # += s * (tokens, r) @ (r, out), in place
+    return result
+
+
+def base_and_B_grads(
+    ctx: Any,
+    g: torch.Tensor,
+    x2: torch.Tensor,
+    after_A_t: torch.Tensor,
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``W``, ``b`` and ``B`` from the ``(tokens, out)`` output gradient ``g``, each ``None`` unless
+    ``needs`` (for ``W``, ``b``, ``B``) asks for it."""
+    needs_w, needs_b, needs_B = needs
+    grad_w = grad_b = grad_B = None
+    if needs_w:
+        grad_w = x2.t() @ g if ctx.fan_in_fan_out else g.t() @ x2
+    if needs_b and ctx.has_bias:
+        grad_b = g.sum(0)
+    if needs_B:
+        grad_B = (after_A_t @ g).mul_(ctx.scaling).t()  # (r, tokens) @ (tokens, out) -> (out, r)
+    return grad_w, grad_b, grad_B
+
+
 class FusedLoraLinear(torch.autograd.Function):
     """``linear(x, W, b) + s * linear(linear(dropped, A), B)``; ``dropped`` is ``None`` when it is ``x`` itself.
 
@@ -62,9 +97,8 @@ class FusedLoraLinear(torch.autograd.Function):
         fan_in_fan_out: bool,
     ) -> torch.Tensor:
         x2, d2, w_t = flat_inputs(ctx, x, dropped, weight, bias, scaling, fan_in_fan_out)
-        result = x2 @ w_t if bias is None else torch.addmm(bias, x2, w_t)  # (tokens, out)
         after_A_t = lora_A @ d2.t()  # (r, in) @ (in, tokens) -> (r, tokens)
-        result.addmm_(after_A_t.t(), lora_B.t(), alpha=scaling)  # += s * (tokens, r) @ (r, out), in place
+        result = base_plus_update(x2, w_t, bias, after_A_t, lora_B, scaling)
         ctx.save_for_backward(x2, None if dropped is None else d2, weight, lora_A, lora_B, after_A_t)
         return result.view(*x.shape[:-1], result.shape[-1])
 
@@ -78,7 +112,7 @@ class FusedLoraLinear(torch.autograd.Function):
         grad_after_A_t = None  # (r, tokens): the gradient reaching A's output, scale included
         if needs_x or needs_dropped or needs_A:
             grad_after_A_t = (lora_B.t() @ g.t()).mul_(s)  # (r, out) @ (out, tokens)
-        grad_x = grad_dropped = grad_w = grad_b = grad_A = grad_B = None
+        grad_x = grad_dropped = grad_A = None
         if needs_x:
             grad_x = g @ w_t.t()  # (tokens, in)
             if d2 is None:  # x is also the adapter's input: both branches' gradients in one buffer
@@ -86,14 +120,9 @@ class FusedLoraLinear(torch.autograd.Function):
             grad_x = grad_x.view(ctx.x_shape)
         if needs_dropped:
             grad_dropped = (grad_after_A_t.t() @ lora_A).view(ctx.x_shape)
-        if needs_w:
-            grad_w = x2.t() @ g if ctx.fan_in_fan_out else g.t() @ x2
-        if needs_b and ctx.has_bias:
-            grad_b = g.sum(0)
         if needs_A:
             grad_A = grad_after_A_t @ (x2 if d2 is None else d2)  # (r, tokens) @ (tokens, in)
-        if needs_B:
-            grad_B = (after_A_t @ g).mul_(s).t()  # (r, tokens) @ (tokens, out) -> (out, r)
+        grad_w, grad_b, grad_B = base_and_B_grads(ctx, g, x2, after_A_t, (needs_w, needs_b, needs_B))
         return grad_x, grad_dropped, grad_w, grad_b, grad_A, grad_B, None, None
 
 
@@ -116,8 +145,7 @@ class LoraLinearFromA(torch.autograd.Function):
         fan_in_fan_out: bool,
     ) -> torch.Tensor:
         x2, _, w_t = flat_inputs(ctx, x, None, weight, bias, scaling, fan_in_fan_out)
-        result = x2 @ w_t if bias is None else torch.addmm(bias, x2, w_t)  # (tokens, out)
-        result.addmm_(after_A_t.t(), lora_B.t(), alpha=scaling)  # += s * (tokens, r) @ (r, out), in place
+        result = base_plus_update(x2, w_t, bias, after_A_t, lora_B, scaling)
         ctx.save_for_backward(x2, weight, lora_B, after_A_t)
         return result.view(*x.shape[:-1], result.shape[-1])
 
@@ -125,20 +153,14 @@ class LoraLinearFromA(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         x2, weight, lora_B, after_A_t = ctx.saved_tensors
         needs_x, needs_after_A, needs_w, needs_b, needs_B = ctx.needs_input_grad[:5]
-        s = ctx.scaling
         g = grad.reshape(-1, grad.shape[-1])  # (tokens, out)
         w_t = weight if ctx.fan_in_fan_out else weight.t()
-        grad_x = grad_after_A_t = grad_w = grad_b = grad_B = None
+        grad_x = grad_after_A_t = None
         if needs_x:
             grad_x = (g @ w_t.t()).view(ctx.x_shape)  # (tokens, in): the base term's share only
         if needs_after_A:
-            grad_after_A_t = (lora_B.t() @ g.t()).mul_(s)  # (r, out) @ (out, tokens)
-        if needs_w:
-            grad_w = x2.t() @ g if ctx.fan_in_fan_out else g.t() @ x2
-        if needs_b and ctx.has_bias:
-            grad_b = g.sum(0)
-        if needs_B:
-            grad_B = (after_A_t @ g).mul_(s).t()  # (r, tokens) @ (tokens, out) -> (out, r)
+            grad_after_A_t = (lora_B.t() @ g.t()).mul_(ctx.scaling)  # (r, out) @ (out, tokens)
+        grad_w, grad_b, grad_B = base_and_B_grads(ctx, g, x2, after_A_t, (needs_w, needs_b, needs_B))
         return grad_x, grad_after_A_t, grad_w, grad_b, grad_B, None, None
 
 
