@@ -286,7 +286,7 @@ def test_chunked_loss_benchmark_compares_equal_losses() -> None:
         assert 0 < results[key]["q1"] <= results[key]["median"] <= results[key]["q3"], key
 
 
-@pytest.mark.parametrize("module", ["head_to_head", "compile_step", "chunked_loss"])
+@pytest.mark.parametrize("module", ["head_to_head", "compile_step", "chunked_loss", "gpu"])
 def test_each_benchmark_has_its_own_help(module, capsys) -> None:
     import importlib
 
@@ -322,3 +322,48 @@ def test_benchmarks_drop_only_bitsandbytes_optional_kernel_notice():
     notice = "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'."
     assert not logger.filter(record(notice))
     assert logger.filter(record("Some other bitsandbytes warning"))
+
+
+def test_gpu_benchmark_runs_every_row_on_the_cpu_with_equal_functions(tmp_path, capsys) -> None:
+    """benchmarks/gpu.py as a lent GPU machine runs it, shrunk to a tiny fp32 Llama on the CPU: ours and peft
+    compute the same logits in each row, packing and chunking leave the loss unchanged, the JSON holds every row."""
+    from benchmarks import gpu
+
+    argv = "--device cpu --dtype float32 --size tiny --vocab 512 --batch 2 --seq 64 --rounds 2 --backend aot_eager"
+    argv += f" --warmup 1 --examples 6 --max-length 512 --chunk 32 --compile-atol 1e-5 --out {tmp_path / 'gpu.json'}"
+    gpu.main(argv.split())
+    saved = json.loads((tmp_path / "gpu.json").read_text())
+    assert saved["setup"].startswith("cpu; torch ") and "Llama tiny (2 layers, hidden 128)" in saved["setup"]
+    results = saved["results"]
+    assert list(results) == list(gpu.ROWS) and not [row for row, r in results.items() if "error" in r]
+    for row in ("lora", "dora", "qlora"):
+        assert results[row]["max_logit_diff"] < 1e-5, row
+        assert results[row]["model_gib"]["ours"] == results[row]["model_gib"]["peft"], row
+        assert results[row]["step_peak_gib"] == {"ours": None, "peft": None}  # CUDA only
+    assert results["qlora"]["model_gib"]["ours"] < 0.5 * results["lora"]["model_gib"]["ours"]  # 4-bit linears
+    packing, chunked = results["packing"]["loss"], results["chunked_loss"]["loss"]
+    assert packing["packed"] == pytest.approx(packing["padded"], abs=1e-5)
+    assert chunked["chunked"] == pytest.approx(chunked["plain"], abs=1e-5)
+    for row, ratio in (
+        ("lora", "ours_over_peft"),
+        ("compile", "ours_compiled_over_eager"),
+        ("packing", "packed_speedup"),
+    ):
+        r = results[row][ratio]
+        assert 0 < r["q1"] <= r["median"] <= r["q3"], row
+    assert set(results["compile"]["tokens_per_s"]) == {
+        "ours_eager",
+        "peft_eager",
+        "ours_compiled",
+        "peft_compiled",
+    }
+    table = capsys.readouterr().out.split("| row |", 1)[1]
+    assert len([line for line in table.splitlines() if line.startswith("| ")]) == len(gpu.ROWS)
+
+
+def test_gpu_benchmark_refuses_a_missing_cuda_device_naming_the_cpu_run(monkeypatch) -> None:
+    from benchmarks import gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA device: pass --device cpu"):
+        gpu.main([])

@@ -94,6 +94,31 @@ def test_resume_from_adapter_only_checkpoint_reproduces_the_trajectory_on_every_
         assert runs[0, "full"]["checkpointed"] == 2  # activation checkpointing of both decoder layers
 
 
+@pytest.mark.slow
+@pytest.mark.cuda
+def test_fsdp_full_state_dict_on_cuda_checkpoints_only_adapters_and_resumes_exactly(tmp_path):
+    """FSDP with ``state_dict_type="full"`` on the CUDA devices there are (one suffices): the checkpoint is one file
+    of adapter tensors only, and first half + resumed half reproduce the uninterrupted run bit for bit."""
+    if not torch.cuda.is_available():
+        pytest.skip(
+            "needs a CUDA device (on CPU/gloo the full-state save segfaults: see FULL_STATE_SEGFAULT)"
+        )
+    env = {**os.environ, "PYTHONPATH": str(RESUME_SCRIPT.parents[2]), "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    (tmp_path / "full").mkdir()
+    done = run_script(
+        [sys.executable, str(RESUME_SCRIPT), str(tmp_path), "fsdp_full_cuda"], env, tmp_path, 300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    load = lambda name: torch.load(tmp_path / ("full" if name == "full" else "") / f"rank0_{name}.pt")  # noqa: E731
+    full, first, resumed = load("full"), load("first"), load("resumed")
+    keys = set(full["state"])
+    assert len(keys) == 8  # lora_A + lora_B of q_proj, v_proj in 2 layers
+    assert first["losses"] + resumed["losses"] == full["losses"]
+    for key in keys:
+        assert torch.equal(resumed["state"][key].cpu(), full["state"][key].cpu()), key
+    assert set(torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["state_dict"]) == keys
+
+
 def test_adapter_auto_wrap_policy_wraps_modules_holding_only_trainable_parameters():
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 

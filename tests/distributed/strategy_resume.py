@@ -1,4 +1,5 @@
-"""Run by tests/test_distributed.py: 2-process CPU (gloo) fits with PEFTCallback, interrupted and resumed.
+"""Run by tests/test_distributed.py: 2-process CPU (gloo) fits with PEFTCallback, interrupted and resumed (a
+``*_cuda`` strategy: one process per CUDA device instead).
 
 Three fits of LoRA on a tiny Llama, each rank on its own shard of the data:
 ``full`` (2 epochs), ``first`` (1 epoch, writes ``ckpt/last.ckpt``) and ``resumed`` (epoch 2 from that checkpoint).
@@ -51,6 +52,8 @@ STRATEGIES = {
         activation_checkpointing_policy={LlamaDecoderLayer},
     ),
     "fsdp_full": lambda: CPUFSDPStrategy(state_dict_type="full", process_group_backend="gloo"),
+    # Every CUDA device of the machine (one is enough): the full state dict the CPU/gloo run cannot save.
+    "fsdp_full_cuda": lambda: PEFTFSDPStrategy(state_dict_type="full"),
     "model_parallel": lambda: PEFTModelParallelStrategy(
         data_parallel_size=2, tensor_parallel_size=1, layer_classes={LlamaDecoderLayer}
     ),
@@ -76,8 +79,10 @@ def fit(out: Path, strategy: str, name: str, max_epochs: int, ckpt_path: str | N
     module = CausalLM(build_in="configure_model")
     callback = PEFTCallback(LoRA(r=4, target_modules=["q_proj", "v_proj"]), target="model")
     checkpoint = ModelCheckpoint(dirpath=out / "ckpt", save_last=True, save_top_k=0)
+    cuda = strategy.endswith("_cuda")
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy=STRATEGIES[strategy](), max_epochs=max_epochs, logger=False,
+        accelerator="cuda" if cuda else "cpu", devices=torch.cuda.device_count() if cuda else 2,
+        strategy=STRATEGIES[strategy](), max_epochs=max_epochs, logger=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback, checkpoint],
         default_root_dir=out, deterministic=True,
     )  # fmt: skip
