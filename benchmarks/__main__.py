@@ -4,7 +4,8 @@ For each method (and full fine-tuning as the reference): trainable parameters, a
 time against full fine-tuning and against the FLOP-ideal ratio (benchmarks/flops.py states the model), memory of
 a training step (tensors saved for backward, gradients + AdamW state, process peak in a fresh subprocess), and
 forward latency unmerged and merged against the base model. Then lightning-peft vs Hugging Face peft on identical
-LoRA, IA3 and prompt-tuning configs, and optionally (``--quality``, minutes) every quickstart config's
+LoRA, IA3 and prompt-tuning configs, the speed features against their targets (benchmarks/speed.py: compiled
+vs eager, shared-input LoRA, packed SFT, chunked loss; ``--no-speed`` skips them), and optionally (``--quality``, minutes) every quickstart config's
 validation accuracy via benchmarks/method_comparison.py.
 
 Timings interleave all setups round by round in one process and only ratios of medians are reported, so load
@@ -64,6 +65,10 @@ def build_parser(
     parser.add_argument("--no-peak", action="store_true", help="skip the per-method subprocess peak memory")
     parser.add_argument("--no-peft", action="store_true", help="skip the head-to-head with Hugging Face peft")
     parser.add_argument("--no-chart", action="store_true")
+    parser.add_argument(
+        "--no-speed", action="store_true",
+        help="skip the speed-feature rows against their targets (compile, shared-input, packing, chunked loss)",
+    )  # fmt: skip
     parser.add_argument(
         "--quality", action="store_true", help="run benchmarks/method_comparison.py (minutes)"
     )
@@ -216,6 +221,13 @@ def main(argv: list[str] | None = None) -> None:
             "",
             report.peft_table(data["peft"]),
         ]
+    if not args.no_speed and not args.no_peft and args.model == "llama":
+        from benchmarks import speed
+
+        log("speed features: compile, shared-input LoRA, packing, chunked loss (benchmarks/speed.py)")
+        data["speed"] = speed.run(args)
+        sections += ["", "#### Speed features against their targets", "", speed.table(data["speed"])]
+        write_outputs(out, sections, data, info)
     if args.quality:
         from benchmarks.method_comparison import quickstart_task_configs, run
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -127,7 +128,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     return results
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.chunked_loss",
         description=__doc__,
@@ -142,8 +143,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=8, help="timed rounds (each: one call of every side)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-peaks", dest="peaks", action="store_false", help="skip the memory processes")
-    args = parser.parse_args(argv)
+    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     results = run(args)
+    if args.json:
+        print(json.dumps(results))
+        return
     tokens = args.batch * args.seq
     print(f"vocab {args.vocab}, {tokens} tokens ({args.batch}x{args.seq}), hidden {args.hidden}, {args.layers} "
           f"layers, LoRA all-linear r=8, loss_chunk_size {args.chunk}, {args.rounds} rounds, {args.threads} threads")  # fmt: skip

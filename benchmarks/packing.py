@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     }  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.packing",
         description=__doc__,
@@ -150,7 +150,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-length", type=int, default=512, help="packed: tokens per row")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (each: one pass of either side)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     r = run(args)
     print(f"Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, LoRA all-linear r=8; {args.examples} "

@@ -286,7 +286,7 @@ def test_chunked_loss_benchmark_compares_equal_losses() -> None:
         assert 0 < results[key]["q1"] <= results[key]["median"] <= results[key]["q3"], key
 
 
-@pytest.mark.parametrize("module", ["head_to_head", "compile_step", "chunked_loss", "gpu"])
+@pytest.mark.parametrize("module", ["head_to_head", "compile_step", "chunked_loss", "gpu", "speed"])
 def test_each_benchmark_has_its_own_help(module, capsys) -> None:
     import importlib
 
@@ -367,3 +367,38 @@ def test_gpu_benchmark_refuses_a_missing_cuda_device_naming_the_cpu_run(monkeypa
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="no CUDA device: pass --device cpu"):
         gpu.main([])
+
+
+def test_speed_table_has_one_row_per_target_from_its_benchmark() -> None:
+    """benchmarks/speed.py (python -m benchmarks's speed rows) on a tiny Llama: each row's value is the ratio its
+    benchmark measured, ``met`` compares it with the issue's target, and the equality checks hold."""
+    from benchmarks import speed
+    from benchmarks.__main__ import parse_args
+
+    args = parse_args(["--hidden", "64", "--layers", "1", "--batch", "2", "--seq", "8", "--rounds", "2"])
+    args.backend = "aot_eager"
+    small = {
+        "packing": ["--examples", "6"],
+        "chunked_loss": ["--vocab", "300", "--seq", "64", "--chunk", "16"],
+    }
+    results = speed.run(args, small)
+    rows = results["rows"]
+    assert list(rows) == [label for label, _, _ in speed.TARGETS]
+    for label, target, comparison in speed.TARGETS:
+        r = rows[label]
+        assert (r["target"], r["comparison"]) == (target, comparison)
+        assert r["met"] == (r["median"] <= target if comparison == "<=" else r["median"] >= target), label
+        assert 0 < r["q1"] <= r["median"] <= r["q3"], label
+    compiled, chunked = results["compile_step"], results["chunked_loss"]
+    assert rows["LoRA step, ours / peft (eager)"]["median"] == compiled["ours eager / peft eager"]["median"]
+    over = compiled["ours eager / full fine-tuning"]["median"] / compiled["bounds"]["flop_ideal"]
+    assert rows["LoRA step, ours / full fine-tuning, over the FLOP ideal"]["median"] == pytest.approx(
+        over, rel=1e-12
+    )
+    peak = chunked["chunked"]["loss_peak_mib"] / chunked["plain"]["loss_peak_mib"]
+    assert rows["chunked / plain loss: peak memory of the loss"]["median"] == pytest.approx(peak, rel=1e-12)
+    assert chunked["checks"]["loss_diff"] <= 1e-5 and chunked["checks"]["max_grad_diff"] <= 1e-5
+    assert results["packing"]["packed_loss"] == pytest.approx(results["packing"]["padded_loss"], abs=1e-5)
+    assert results["shared_input"]["checks"]["shared_vs_separate_max_logit_diff"] < 1e-5
+    lines = speed.table(results).splitlines()
+    assert len([line for line in lines if line.startswith("| ") and line.endswith((" yes |", " no |"))]) == 8
