@@ -3,7 +3,7 @@ bounds that say how far each ratio could go.
 
 Five setups on the same base model and batch (all-linear LoRA, r=8, the same adapter weights): ours eager, ours
 compiled, peft eager, peft compiled (each ``torch.compile(model, backend=...)``, default inductor) and full
-fine-tuning eager. Compilation happens in untimed warm-up steps; then one step of each setup per round,
+fine-tuning eager, plus an identical copy of full fine-tuning whose ratio to it is the run's noise floor. Compilation happens in untimed warm-up steps; then one step of each setup per round,
 interleaved, and only medians of the per-round ratios are reported. Before timing, the compiled models' logits
 are checked against the eager ones.
 
@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     ``bounds``: the FLOP ideal, ours/peft at the FLOP ideal, our eager step's matmul share."""
     ours, theirs, diff = prepare(args, "lora")
     full = Setup(args, FULL)
-    sides = {"ours_eager": ours, "peft_eager": theirs, "full": full}
+    # full_copy: a second, identical full fine-tuning, timed alongside it: its ratio is this run's noise floor
+    sides = {"ours_eager": ours, "peft_eager": theirs, "full": full, "full_copy": Setup(args, FULL)}
     sides["ours_compiled"] = compiled_side(ours, args.backend)
     sides["peft_compiled"] = compiled_side(theirs, args.backend)
     results: dict[str, dict[str, float]] = {"ours_vs_peft": {"max_logit_diff": diff}}
@@ -90,16 +91,15 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
                 (compiled.model(**eager.batch).logits - eager.model(**eager.batch).logits).abs().max().item()
             )
             results[f"{name}_compiled"] = {"max_logit_diff": gap}
-    for side in sides.values():
+    for name, side in sides.items():
         side.model.train()
-        for _ in range(
-            args.warmup if side is not full else 1
-        ):  # compiles forward and backward graphs, untimed
+        for _ in range(args.warmup if name.endswith("compiled") else 1):  # compiles the graphs, untimed
             side.train_step()
     share = matmul_share(ours.train_step)
     samples = interleaved({name: side.train_step for name, side in sides.items()}, args.rounds)
     for label, name, reference in RATIOS:
         results[label] = paired_ratio(samples, name, reference)
+    results["noise_floor"] = paired_ratio(samples, "full_copy", "full")
     ideal = flop_ideal(args, ours, full)
     results["bounds"] = {
         "flop_ideal": ideal,
@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     for label, _, _ in RATIOS:
         r = results[label]
         print(f"| {label} | {r['median']:.3f} | {r['q1']:.3f}-{r['q3']:.3f} |")
+    floor = results["noise_floor"]
+    print(f"Noise floor (an identical copy of full fine-tuning / itself): {floor['median']:.3f} "
+          f"({floor['q1']:.3f}-{floor['q3']:.3f})")  # fmt: skip
     bounds = results["bounds"]
     print(f"FLOP ideal LoRA / full {bounds['flop_ideal']:.3f}: ours eager at {results['ours eager / full fine-tuning']['median'] / bounds['flop_ideal']:.3f}x "
           f"the ideal; a step at the ideal would be {bounds['ours_vs_peft_at_flop_ideal']:.3f} x peft")  # fmt: skip
