@@ -26,9 +26,9 @@ run)
     export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
     # CUDA-only tests: QLoRA on CUDA with paged AdamW, Lightning's BitsandbytesPrecision, FSDP full-state resume.
-    timeout 180 python3 -m pytest -q -p no:cacheprovider -m cuda tests/methods/test_qlora.py tests/test_distributed.py \
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/methods/test_qlora.py tests/test_distributed.py \
         2>&1 | tee "$out/cuda_tests.log" || echo "cuda tests: exit $?" | tee -a "$out/cuda_tests.log"
-    timeout 360 python3 -m benchmarks.gpu --out "$out/gpu.json" 2>&1 | tee "$out/gpu.log"
+    timeout 330 python3 -m benchmarks.gpu --out "$out/gpu.json" 2>&1 | tee "$out/gpu.log"
     ;;
 *)
     echo "usage: bash benchmarks/gpu_device.sh fetch|run" >&2
