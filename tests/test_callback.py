@@ -463,6 +463,25 @@ def test_save_checkpoint_after_fit_is_adapter_only_and_loads_back(tmp_path):
     assert len(opt_state["state"]) == len(saved["state_dict"])
 
 
+def test_weights_only_save_checkpoint_after_fit_is_adapter_only_too(tmp_path):
+    """Lightning runs no callback hook for ``weights_only=True`` and teardown has given the module its own hook back:
+    the filter at the write (the callback's AtomicCheckpointIO) keeps the promise; a merged model stays whole."""
+    module = CausalLM()
+    trainer = make_trainer(tmp_path, [PEFTCallback(QV, target="model")], max_steps=2)
+    trainer.fit(module, token_loader())
+    trainer.save_checkpoint(tmp_path / "weights.ckpt", weights_only=True)
+    saved = torch.load(tmp_path / "weights.ckpt", weights_only=True)
+    assert set(saved["state_dict"]) == {f"model.{k}" for k in lora_keys(module.model)}
+    assert saved["lightning_peft"]["adapter_keys"] == list(saved["state_dict"])
+    assert "optimizer_states" not in saved
+    merged = CausalLM()
+    trainer = make_trainer(tmp_path, [PEFTCallback(QV, target="model", merge_on_fit_end=True)], max_steps=2)
+    trainer.fit(merged, token_loader())
+    trainer.save_checkpoint(tmp_path / "merged_weights.ckpt", weights_only=True)
+    saved = torch.load(tmp_path / "merged_weights.ckpt", weights_only=True)
+    assert set(saved["state_dict"]) == set(merged.state_dict()) and "lightning_peft" not in saved
+
+
 def test_save_checkpoint_after_merge_on_fit_end_is_the_full_merged_model(tmp_path):
     module = CausalLM()
     trainer = make_trainer(tmp_path, [PEFTCallback(QV, target="model", merge_on_fit_end=True)], max_steps=2)

@@ -147,11 +147,18 @@ def _umask() -> int:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's ``TorchCheckpointIO`` writing local checkpoints beside their final name and renaming them
     (Lightning's own write goes through a temporary file in TMPDIR, which is copied, not renamed, when the
-    checkpoint directory is on another filesystem). Remote paths are left to Lightning."""
+    checkpoint directory is on another filesystem). Remote paths are left to Lightning.
+
+    ``before_save``, when set, sees every checkpoint dict before it is written (local or remote) and may change it
+    in place: ``PEFTCallback`` filters there the checkpoints none of its hooks saw."""
+
+    before_save: Callable[[dict[str, Any]], None] | None = None
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
+        if self.before_save is not None:
+            self.before_save(checkpoint)
         if storage_options is not None or ("://" in str(path) and not str(path).startswith("file://")):
             return super().save_checkpoint(checkpoint, path, storage_options)
         target = Path(get_filesystem(path)._strip_protocol(str(path)))

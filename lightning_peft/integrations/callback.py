@@ -23,6 +23,7 @@ through the :class:`~lightning_peft.methods.PEFTMethod` hooks.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -182,6 +183,11 @@ class PEFTCallback(Callback):
             # Lightning's own write is copied from TMPDIR when the checkpoint directory is on another filesystem:
             # a kill then leaves a partial file under the final name.
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO):
+            module = weakref.ref(pl_module)
+            trainer.strategy.checkpoint_io.before_save = lambda checkpoint: self._filter_unhooked(
+                module(), checkpoint
+            )
         if self.method.may_have_unused_parameters:
             ddp_kwargs = getattr(trainer.strategy, "_ddp_kwargs", None)
             if isinstance(ddp_kwargs, dict) and not ddp_kwargs.get("static_graph"):
@@ -548,6 +554,14 @@ class PEFTCallback(Callback):
         if not layers or any(self.adapter_name in layer.merged_adapters for layer in layers):
             return  # not injected (yet), or merged into the base weights: the full model is the checkpoint
         self._on_save_checkpoint(pl_module, lambda _: None, checkpoint)
+
+    def _filter_unhooked(self, pl_module: pl.LightningModule | None, checkpoint: dict) -> None:
+        """At the write, a checkpoint no hook of ours saw: ``trainer.save_checkpoint(path, weights_only=True)``
+        after ``fit`` (Lightning runs no callback hook for a weights-only save, and teardown has given the module
+        its own hook back) gets the same adapter-only filter as every other checkpoint."""
+        if pl_module is None or CHECKPOINT_KEY in checkpoint or "state_dict" not in checkpoint:
+            return
+        self.on_save_checkpoint(pl_module._trainer, pl_module, checkpoint)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.merge_on_fit_end:
