@@ -239,13 +239,14 @@ def lm_module(args: argparse.Namespace, **kwargs) -> nn.Module:
 
 
 def module_step(module: nn.Module, batches: list[dict], device: torch.device) -> Callable[[], None]:
+    """benchmarks/packing.py's pass over ``batches`` (forward, backward, AdamW step each), then a device synchronise."""
+    from benchmarks.packing import one_pass
+
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
+    one = one_pass(module, batches, optimizer)
 
     def step() -> None:
-        for batch in batches:
-            module.loss(batch).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        one()
         synchronize(device)
 
     return step
